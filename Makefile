@@ -1,0 +1,47 @@
+# The same words every Python service uses: run, test, lint, bench.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+APT_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+PYTEST_ARGS ?=
+
+.PHONY: run test lint format bench tools venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch that lies on disk; installed first so monai's requirement is met
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian tools the tests use: dcmtk (storescu, img2dcm), dicom3tools (dciodvfy), Orthanc.
+tools:
+	@missing=""; for pair in $(APT_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: $(STAMP)
+	$(VENV)/bin/dermpacs serve --config config/dermpacs.toml
+
+test: $(STAMP) tools
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dermpacs workers tests bench
+	$(VENV)/bin/ruff format --check dermpacs workers tests bench
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format dermpacs workers tests bench
+	$(VENV)/bin/ruff check --fix dermpacs workers tests bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Admin web page, metrics and health."""

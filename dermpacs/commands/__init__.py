@@ -1,0 +1,1 @@
+"""The sub-commands of ``dermpacs``: thin argument parsing over the stages."""

@@ -1,0 +1,167 @@
+"""Typed settings: embedded defaults, a TOML file, then ``DERMPACS__SECTION__KEY`` variables.
+
+One place for configuration. Every command loads it with :func:`load_settings`; an unknown or
+ill-typed key stops start-up with an error that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "DERMPACS__"
+CONFIG_ENV = "DERMPACS_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ListenerSettings(_Section):
+    ae_title: str = "DERMPACS"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    max_associations: int = Field(16, ge=1)
+    max_pdu_size: int = Field(0, ge=0)  # 0: no limit (PS3.8 D.3.3.2.1)
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        if not 0 < len(value) <= 16:
+            raise ValueError("an AE title has 1 to 16 characters (PS3.5 6.2)")
+        return value
+
+
+class BrokerSettings(_Section):
+    url: str = ""  # empty: the embedded broker under storage.root
+    visibility_timeout: int = Field(3600, ge=60)
+
+
+class StorageSettings(_Section):
+    root: Path = Path("var/dermpacs")
+
+
+class DatabaseSettings(_Section):
+    url: str = ""  # empty: SQLite under storage.root
+
+
+class IntakeSettings(_Section):
+    max_megapixels: float = Field(60.0, gt=0)
+
+
+class ModelSettings(_Section):
+    segmentation_weights: str = ""  # empty: the reference weights shipped in the package
+    classifier_weights: str = ""
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    long_side: int = Field(512, ge=64)
+    classes: list[str] = Field(
+        default_factory=lambda: [
+            "atopic_dermatitis",
+            "mycosis_fungoides",
+            "impetigo",
+            "herpesvirus_infection",
+        ]
+    )
+
+
+class CropSettings(_Section):
+    min_skin_fraction: float = Field(0.80, ge=0, le=1)
+    min_lesion_fraction: float = Field(0.10, ge=0, le=1)
+    window_fractions: list[float] = Field(default_factory=lambda: [0.2, 0.3, 0.45])
+    stride_fraction: float = Field(0.25, gt=0, le=1)
+    max_crops: int = Field(8, ge=1)
+    max_overlap: float = Field(0.3, ge=0, le=1)
+
+
+class QualitySettings(_Section):
+    min_skin_fraction: float = Field(0.05, ge=0, le=1)
+    min_sharpness: float = Field(0.0, ge=0)
+
+
+class Destination(_Section):
+    name: str
+    kind: Literal["dicom", "folder"] = "dicom"
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: int = Field(4242, ge=0, le=65535)
+    path: str = ""  # for kind = "folder"; relative paths are under storage.root
+    objects: list[Literal["seg", "sr", "overlay"]] = Field(
+        default_factory=lambda: ["seg", "sr", "overlay"]
+    )
+
+
+class Settings(_Section):
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    crops: CropSettings = Field(default_factory=CropSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    destinations: list[Destination] = Field(
+        default_factory=lambda: [Destination(name="outbox", kind="folder", path="outbox")]
+    )
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key."""
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], raw: str) -> None:
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {key} is not a section")
+        node = child
+    try:
+        value: Any = json.loads(raw)  # numbers, booleans, lists
+    except json.JSONDecodeError:
+        value = raw
+    node[keys[-1]] = value
+
+
+def _env_overrides(tree: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX):
+            keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+            if keys:
+                _set_path(tree, keys, raw)
+
+
+def load_settings(
+    path: str | Path | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """Load settings from ``path`` (or ``$DERMPACS_CONFIG``), then environment overrides.
+
+    Raises
+    ------
+    ConfigError
+        When the file does not parse or a key is unknown or has a bad value.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get(CONFIG_ENV) or None
+    tree: dict[str, Any] = {}
+    if path:
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    _env_overrides(tree, environ)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({path or 'defaults'}): {problems}") from exc

@@ -1,0 +1,1 @@
+"""Sending results to destinations: C-STORE senders and folders, with retry."""

@@ -1,0 +1,1 @@
+"""Reading photographs and writing SEG, SR and overlay: pure functions, no I/O."""

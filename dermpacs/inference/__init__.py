@@ -1,0 +1,1 @@
+"""The method: segmentation network, crops, classifier, skin tone and quality checks."""

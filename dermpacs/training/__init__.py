@@ -1,0 +1,1 @@
+"""Data sets, the synthetic photo generator, training and evaluation."""
