@@ -1,0 +1,129 @@
+"""Put jobs back on the queue when their message may have been lost.
+
+The job store is the source of truth; broker messages are only a way to wake a worker. At
+start-up every unfinished job is published again (:func:`requeue_unfinished`); while the
+listener runs, :func:`reconcile_stalled` publishes jobs that never reached the broker (it was
+down), jobs whose worker died, and deliveries whose retry message went missing. Tasks are
+idempotent, so publishing a job twice costs a skipped task, never a second result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from dermpacs.jobs.models import JobState, utc_now
+from dermpacs.jobs.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+Publish = Callable[[int], None]
+
+
+@dataclass
+class RequeueSummary:
+    """Job ids published again, by stage, and those whose publication failed."""
+
+    processing: list[int] = field(default_factory=list)
+    dispatch: list[int] = field(default_factory=list)
+    unpublished: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.processing) + len(self.dispatch)
+
+
+def _publish_all(ids: list[int], publish: Publish, done: list[int], unpublished: list[int]) -> None:
+    for job_id in ids:
+        try:
+            publish(job_id)
+        except Exception as exc:  # broker down: the job stays where it is, tried next time
+            logger.warning("job %d: could not publish (%s); will retry", job_id, exc)
+            unpublished.append(job_id)
+        else:
+            done.append(job_id)
+
+
+def requeue_unfinished(
+    store: JobStore, *, publish_processing: Publish, publish_dispatch: Publish
+) -> RequeueSummary:
+    """Publish every job that is not delivered nor failed: the start-up rule.
+
+    Jobs with results go to dispatch, the others to processing; ``received`` jobs that were
+    published move to ``queued``.
+    """
+    summary = RequeueSummary()
+    jobs = store.unfinished()
+    to_dispatch = [j.id for j in jobs if j.state is JobState.RESULTS_READY]
+    to_process = [j.id for j in jobs if j.state is not JobState.RESULTS_READY]
+    _publish_all(to_process, publish_processing, summary.processing, summary.unpublished)
+    _publish_all(to_dispatch, publish_dispatch, summary.dispatch, summary.unpublished)
+    store.mark_queued(summary.processing, reason="re-published at start-up")
+    if summary.total or summary.unpublished:
+        logger.info(
+            "start-up: re-published %d job(s) for processing, %d for dispatch, %d not published",
+            len(summary.processing),
+            len(summary.dispatch),
+            len(summary.unpublished),
+        )
+    return summary
+
+
+def reconcile_stalled(
+    store: JobStore,
+    *,
+    publish_processing: Publish,
+    publish_dispatch: Publish,
+    received_grace: timedelta,
+    processing_lease: timedelta,
+    dispatch_grace: timedelta,
+    now: datetime | None = None,
+) -> RequeueSummary:
+    """Publish jobs that are stuck: the periodic rule.
+
+    Parameters
+    ----------
+    received_grace
+        A ``received`` job older than this never reached the broker.
+    processing_lease
+        A ``processing`` job unchanged for this long lost its worker; it is moved back to
+        ``received`` and published.
+    dispatch_grace
+        A pending delivery overdue by this much lost its retry message.
+
+    Notes
+    -----
+    ``queued`` jobs are left alone: the broker holds their message (late acknowledgement
+    redelivers it when a worker dies), and a long backlog is not a fault.
+    """
+    now = now or utc_now()
+    summary = RequeueSummary()
+    received = [
+        j.id
+        for j in store.list_jobs(
+            states=[JobState.RECEIVED], updated_before=now - received_grace, limit=None
+        )
+    ]
+    stale = [
+        j.id
+        for j in store.list_jobs(
+            states=[JobState.PROCESSING], updated_before=now - processing_lease, limit=None
+        )
+    ]
+    stale = [
+        job_id for job_id in stale if store.release_stale(job_id, lease=processing_lease, now=now)
+    ]
+    _publish_all(received + stale, publish_processing, summary.processing, summary.unpublished)
+    store.mark_queued(summary.processing, reason="re-published by the reconciler")
+    overdue = store.overdue_dispatch(due_before=now - dispatch_grace)
+    _publish_all(overdue, publish_dispatch, summary.dispatch, summary.unpublished)
+    if summary.total or summary.unpublished:
+        logger.info(
+            "reconciler: re-published %d job(s) for processing, %d for dispatch, %d not published",
+            len(summary.processing),
+            len(summary.dispatch),
+            len(summary.unpublished),
+        )
+    return summary

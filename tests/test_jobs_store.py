@@ -1,0 +1,270 @@
+"""The job store against SQLite and PostgreSQL: states, idempotency, audit trail, deliveries."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+
+from dermpacs.jobs import (
+    ClaimStatus,
+    DeliveryState,
+    JobState,
+    JobStore,
+    JobStoreError,
+    OutputRecord,
+    ReceivedInstance,
+    ResultKind,
+    RetryStage,
+    UnknownJobError,
+    make_engine,
+    reconcile_stalled,
+    requeue_unfinished,
+)
+from dermpacs.jobs.models import utc_now
+
+MODEL = "seg-1.0+cls-1.0"
+
+
+def instance(n: int, *, spool: str = "/spool/x.dcm", caller: str = "CAM1") -> ReceivedInstance:
+    return ReceivedInstance(
+        study_instance_uid="1.2.3.1",
+        series_instance_uid="1.2.3.1.1",
+        sop_instance_uid=f"1.2.3.1.1.{n}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.4.50",
+        calling_ae_title=caller,
+        spool_path=spool,
+    )
+
+
+def outputs_for(job_id: int) -> list[OutputRecord]:
+    return [
+        OutputRecord(
+            kind=kind,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+            sop_instance_uid=f"2.25.{job_id}{i}",
+            series_instance_uid=f"2.25.9{job_id}{i}",
+            path=f"/results/{job_id}/{kind.value}.dcm",
+        )
+        for i, kind in enumerate(ResultKind)
+    ]
+
+
+@pytest.fixture
+def store(database_url: str):
+    store = JobStore(make_engine(database_url), actor="test")
+    store.create_schema()
+    yield store
+    store.dispose()
+
+
+def test_a_photo_sent_twice_makes_one_job(store: JobStore):
+    first = store.record_received(instance(1, spool="/spool/a.dcm"), model_version=MODEL)
+    again = store.record_received(instance(1, spool="/spool/b.dcm"), model_version=MODEL)
+    assert first.created and first.needs_queueing
+    assert not again.created and not again.needs_queueing
+    assert again.job_id == first.job_id
+    assert store.get(first.job_id).job.spool_path == "/spool/a.dcm"
+    # another model version is another job
+    other = store.record_received(instance(1), model_version="seg-2.0+cls-1.0")
+    assert other.created and other.job_id != first.job_id
+
+
+def test_concurrent_identical_stores_make_one_job(store: JobStore):
+    outcomes = []
+
+    def record(k: int) -> None:
+        outcomes.append(store.record_received(instance(7, spool=f"/s/{k}"), model_version=MODEL))
+
+    threads = [threading.Thread(target=record, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({o.job_id for o in outcomes}) == 1
+    assert sum(o.created for o in outcomes) == 1
+    assert store.counts_by_state()[JobState.RECEIVED] == 1
+
+
+def test_the_happy_path_leaves_an_audit_trail(store: JobStore):
+    job_id = store.record_received(instance(2), model_version=MODEL).job_id
+    assert store.mark_queued([job_id]) == 1
+    claim = store.claim_for_processing(job_id, lease=timedelta(minutes=5))
+    assert claim.status is ClaimStatus.CLAIMED and claim.job.attempts == 1
+    state = store.record_results(
+        job_id,
+        outputs_for(job_id),
+        destinations={"pacs": ["seg", "sr", "overlay"], "outbox": ["overlay"]},
+        finding="atopic_dermatitis",
+    )
+    assert state is JobState.RESULTS_READY
+    due = store.claim_due_deliveries(job_id, lease=timedelta(minutes=5))
+    assert sorted((d.destination, d.kind.value) for d in due) == [
+        ("outbox", "overlay"),
+        ("pacs", "overlay"),
+        ("pacs", "seg"),
+        ("pacs", "sr"),
+    ]
+    # a second dispatcher finds nothing to take
+    assert store.claim_due_deliveries(job_id, lease=timedelta(minutes=5)) == []
+    for d in due:
+        store.record_delivery(d.id, delivered=True)
+    assert store.settle_delivery(job_id) == (JobState.DELIVERED, None)
+    detail = store.get(job_id)
+    assert [e.to_state for e in detail.events] == [
+        JobState.RECEIVED,
+        JobState.QUEUED,
+        JobState.PROCESSING,
+        JobState.RESULTS_READY,
+        JobState.DELIVERED,
+    ]
+    assert detail.events[0].from_state is None and detail.events[0].reason == "stored by CAM1"
+    assert all(e.at.tzinfo is not None for e in detail.events)
+    assert {o.kind for o in detail.outputs} == set(ResultKind)
+    assert detail.job.finding == "atopic_dermatitis"
+    assert detail.as_json()["state"] == "delivered"
+
+
+def test_claims_respect_a_fresh_lease_and_take_over_a_stale_one(store: JobStore):
+    job_id = store.record_received(instance(3), model_version=MODEL).job_id
+    assert store.claim_for_processing(job_id, lease=timedelta(hours=1)).status is (
+        ClaimStatus.CLAIMED
+    )
+    busy = store.claim_for_processing(job_id, lease=timedelta(hours=1))
+    assert busy.status is ClaimStatus.BUSY and 3500 < busy.retry_after <= 3600
+    taken = store.claim_for_processing(job_id, lease=timedelta(0))
+    assert taken.status is ClaimStatus.CLAIMED and taken.job.attempts == 2
+    store.record_results(job_id, outputs_for(job_id), destinations={}, finding=None)
+    assert store.claim_for_processing(job_id, lease=timedelta(0)).status is ClaimStatus.DONE
+
+
+def test_processing_failures_retry_then_fail_and_an_admin_retry_restarts(store: JobStore):
+    job_id = store.record_received(instance(4), model_version=MODEL).job_id
+    store.claim_for_processing(job_id, lease=timedelta(0))
+    assert (
+        store.record_processing_failure(job_id, "timeout", permanent=False, max_attempts=2)
+        is JobState.QUEUED
+    )
+    store.claim_for_processing(job_id, lease=timedelta(0))
+    assert (
+        store.record_processing_failure(job_id, "timeout", permanent=False, max_attempts=2)
+        is JobState.FAILED
+    )
+    assert store.claim_for_processing(job_id, lease=timedelta(0)).status is ClaimStatus.FAILED
+    assert store.get(job_id).job.last_error == "timeout"
+    assert store.retry(job_id, actor="admin") is RetryStage.PROCESSING
+    job = store.get(job_id)
+    assert job.job.state is JobState.RECEIVED and job.job.attempts == 0
+    assert job.events[-1].actor == "admin"
+    with pytest.raises(JobStoreError, match="not failed"):
+        store.retry(job_id)
+
+
+def test_a_permanent_failure_fails_at_once_and_a_resend_restarts_it(store: JobStore):
+    job_id = store.record_received(instance(5, spool="/s/old"), model_version=MODEL).job_id
+    store.claim_for_processing(job_id, lease=timedelta(0))
+    store.record_processing_failure(job_id, "no pixel data", permanent=True, max_attempts=9)
+    assert store.get(job_id).job.state is JobState.FAILED
+    resent = store.record_received(instance(5, spool="/s/new"), model_version=MODEL)
+    assert resent.job_id == job_id and resent.needs_queueing and not resent.created
+    assert store.get(job_id).job.spool_path == "/s/new"
+
+
+def test_delivery_retries_and_give_up_fail_the_job_then_admin_retry_resends(store: JobStore):
+    job_id = store.record_received(instance(6), model_version=MODEL).job_id
+    store.claim_for_processing(job_id, lease=timedelta(0))
+    store.record_results(job_id, outputs_for(job_id), destinations={"pacs": ["sr"]}, finding=None)
+    (row,) = store.claim_due_deliveries(job_id, lease=timedelta(minutes=5))
+    later = utc_now() + timedelta(minutes=1)
+    store.record_delivery(row.id, delivered=False, error="refused", next_attempt_at=later)
+    state, due = store.settle_delivery(job_id)
+    assert state is JobState.RESULTS_READY and due == later
+    assert store.claim_due_deliveries(job_id, lease=timedelta(minutes=5)) == []
+    assert store.overdue_dispatch(due_before=later + timedelta(seconds=1)) == [job_id]
+    (row,) = store.claim_due_deliveries(
+        job_id, lease=timedelta(minutes=5), now=later + timedelta(seconds=1)
+    )
+    assert row.attempts == 2
+    store.record_delivery(row.id, delivered=False, error="refused again")
+    state, _ = store.settle_delivery(job_id)
+    assert state is JobState.FAILED
+    assert "pacs/sr: refused again" in (store.get(job_id).job.last_error or "")
+    assert store.retry(job_id) is RetryStage.DISPATCH
+    (row,) = store.deliveries(job_id)
+    assert row.state is DeliveryState.PENDING and row.attempts == 0
+
+
+def test_a_sender_that_died_mid_send_is_taken_over_after_its_lease(store: JobStore):
+    job_id = store.record_received(instance(8), model_version=MODEL).job_id
+    store.claim_for_processing(job_id, lease=timedelta(0))
+    store.record_results(job_id, outputs_for(job_id), destinations={"pacs": ["seg"]}, finding=None)
+    assert len(store.claim_due_deliveries(job_id, lease=timedelta(hours=1))) == 1
+    assert store.claim_due_deliveries(job_id, lease=timedelta(hours=1)) == []
+    (again,) = store.claim_due_deliveries(job_id, lease=timedelta(0))
+    assert again.attempts == 2
+
+
+def test_results_for_a_destination_object_that_was_not_written_are_refused(store: JobStore):
+    job_id = store.record_received(instance(9), model_version=MODEL).job_id
+    store.claim_for_processing(job_id, lease=timedelta(0))
+    with pytest.raises(JobStoreError, match="wants seg"):
+        store.record_results(
+            job_id, outputs_for(job_id)[1:], destinations={"pacs": ["seg"]}, finding=None
+        )
+
+
+def test_unknown_job(store: JobStore):
+    with pytest.raises(UnknownJobError):
+        store.get(12345)
+
+
+def test_requeue_unfinished_publishes_every_unfinished_job_by_stage(store: JobStore):
+    ids = [store.record_received(instance(n), model_version=MODEL).job_id for n in range(10, 15)]
+    received, queued, processing, ready, delivered = ids
+    store.mark_queued([queued])
+    store.claim_for_processing(processing, lease=timedelta(0))
+    store.claim_for_processing(ready, lease=timedelta(0))
+    store.record_results(ready, outputs_for(ready), destinations={"p": ["sr"]}, finding=None)
+    store.claim_for_processing(delivered, lease=timedelta(0))
+    store.record_results(delivered, outputs_for(delivered), destinations={}, finding=None)
+    store.settle_delivery(delivered)
+
+    processed: list[int] = []
+    dispatched: list[int] = []
+
+    def publish_processing(job_id: int) -> None:
+        if job_id == processing:
+            raise ConnectionError("broker down")
+        processed.append(job_id)
+
+    summary = requeue_unfinished(
+        store, publish_processing=publish_processing, publish_dispatch=dispatched.append
+    )
+    assert processed == [received, queued]
+    assert dispatched == [ready]
+    assert summary.unpublished == [processing]
+    assert store.get(received).job.state is JobState.QUEUED
+
+
+def test_reconciler_publishes_stuck_jobs_only(store: JobStore):
+    stuck = store.record_received(instance(20), model_version=MODEL).job_id
+    fresh_queued = store.record_received(instance(21), model_version=MODEL).job_id
+    store.mark_queued([fresh_queued])
+    dead_worker = store.record_received(instance(22), model_version=MODEL).job_id
+    store.claim_for_processing(dead_worker, lease=timedelta(0))
+    published: list[int] = []
+    later = utc_now() + timedelta(minutes=10)
+    summary = reconcile_stalled(
+        store,
+        publish_processing=published.append,
+        publish_dispatch=published.append,
+        received_grace=timedelta(minutes=1),
+        processing_lease=timedelta(minutes=5),
+        dispatch_grace=timedelta(minutes=1),
+        now=later,
+    )
+    assert sorted(summary.processing) == [stuck, dead_worker]
+    assert store.get(dead_worker).job.state is JobState.QUEUED
+    assert "worker lease expired" in [e.reason for e in store.get(dead_worker).events]
