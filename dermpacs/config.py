@@ -48,6 +48,44 @@ class BrokerSettings(_Section):
 
 class StorageSettings(_Section):
     root: Path = Path("var/dermpacs")
+    min_free_mb: int = Field(100, ge=0)  # below this, C-STORE answers 0xA700
+
+
+class QueueSettings(_Section):
+    """One Celery queue and the policy of the tasks on it."""
+
+    name: str = Field(min_length=1)
+    concurrency: int = Field(1, ge=1)  # worker processes of `dermpacs worker` for this queue
+    time_limit: int = Field(600, ge=10)  # seconds; a task running longer is killed
+    max_attempts: int = Field(3, ge=1)
+    retry_delay: float = Field(10.0, ge=0)  # first retry after this; doubles, with jitter
+    retry_delay_max: float = Field(600.0, ge=0)
+
+
+class QueuesSettings(_Section):
+    inference: QueueSettings = Field(
+        default_factory=lambda: QueueSettings(name="inference", concurrency=1, time_limit=600)
+    )
+    dispatch: QueueSettings = Field(
+        default_factory=lambda: QueueSettings(
+            name="dispatch", concurrency=2, time_limit=300, max_attempts=20
+        )
+    )
+
+
+class JobsSettings(_Section):
+    reconcile_interval: float = Field(30.0, gt=0)  # seconds between reconciler passes
+    received_grace: float = Field(60.0, ge=0)  # a received job this old never reached the broker
+    dispatch_grace: float = Field(300.0, ge=0)  # a due delivery this overdue lost its message
+
+
+class DispatchSettings(_Section):
+    calling_ae_title: str = "DERMPACS"
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(120.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    max_pdu_size: int = Field(0, ge=0)
+    give_up_after: float = Field(86400.0, gt=0)  # seconds after receipt; then the job fails
 
 
 class DatabaseSettings(_Section):
@@ -108,6 +146,9 @@ class Settings(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     crops: CropSettings = Field(default_factory=CropSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
+    queues: QueuesSettings = Field(default_factory=QueuesSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     destinations: list[Destination] = Field(
         default_factory=lambda: [Destination(name="outbox", kind="folder", path="outbox")]
     )
