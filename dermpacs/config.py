@@ -125,6 +125,10 @@ class QualitySettings(_Section):
     min_sharpness: float = Field(0.0, ge=0)
 
 
+ResultObject = Literal["seg", "sr", "overlay"]
+ALL_RESULT_OBJECTS: tuple[ResultObject, ...] = ("seg", "sr", "overlay")
+
+
 class Destination(_Section):
     name: str
     kind: Literal["dicom", "folder"] = "dicom"
@@ -132,9 +136,7 @@ class Destination(_Section):
     host: str = "127.0.0.1"
     port: int = Field(4242, ge=0, le=65535)
     path: str = ""  # for kind = "folder"; relative paths are under storage.root
-    objects: list[Literal["seg", "sr", "overlay"]] = Field(
-        default_factory=lambda: ["seg", "sr", "overlay"]
-    )
+    objects: list[ResultObject] = Field(default_factory=lambda: list(ALL_RESULT_OBJECTS))
 
 
 class Settings(_Section):
