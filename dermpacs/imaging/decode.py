@@ -1,0 +1,1118 @@
+"""Turn a received photograph into an RGB array, or refuse it with one clear error.
+
+Every photograph dermpacs analyses goes through :func:`read_photograph` (a parsed data set)
+or :func:`read_photograph_bytes` (a file or its bytes). Both return a :class:`Photograph`:
+an ``H x W x 3`` ``uint8`` RGB array plus the identifiers the DICOM writers need. Anything
+that cannot be read as one photograph raises :class:`PhotographError`, whose ``reason`` tells
+the listener which C-STORE status to answer and whose message tells a PACS administrator
+what is wrong.
+
+The header is checked before any pixel is decoded (:func:`check_photograph`): the SOP class,
+the number of frames, Rows and Columns and the size limit, the pixel format, the length of
+native pixel data and the dimensions written inside a compressed codestream. A hostile or
+broken header therefore costs a few attribute reads, never a 60-gigapixel allocation.
+
+Decoding uses pydicom's pixel decoders and the codec packages made for them (pylibjpeg with
+pylibjpeg-libjpeg and pylibjpeg-openjpeg, pyjpegls, python-gdcm, pillow). Colour conversion
+happens exactly once: pydicom's decoders hand back the codestream's own samples (YCbCr for a
+JFIF JPEG) and convert YBR_FULL and YBR_FULL_422 to RGB themselves, while the JPEG 2000
+decoders undo YBR_ICT and YBR_RCT; the returned pixel description says which colour space the
+array is in, and this module converts only what is still not RGB.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import get_decoder
+from pydicom.pixels.processing import apply_color_lut, convert_color_space
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLELossless,
+)
+
+from dermpacs.imaging.sopclasses import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    HTJ2K_TRANSFER_SYNTAXES,
+    LOSSY_TRANSFER_SYNTAXES,
+    MULTIFRAME_TRUE_COLOR_SC_IMAGE,
+    PHOTO_SOP_CLASSES,
+)
+
+DEFAULT_MAX_MEGAPIXELS: Final = 60.0
+
+_PIXEL_DATA_TAG: Final = 0x7FE00010
+_FLOAT_PIXEL_DATA_KEYWORDS: Final = ("FloatPixelData", "DoubleFloatPixelData")
+_UNDEFINED_LENGTH: Final = 0xFFFFFFFF
+
+_COLOUR_PHOTOMETRICS: Final = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
+_GREY_PHOTOMETRICS: Final = frozenset({"MONOCHROME1", "MONOCHROME2"})
+_PALETTE: Final = "PALETTE COLOR"
+SUPPORTED_PHOTOMETRICS: Final = _COLOUR_PHOTOMETRICS | _GREY_PHOTOMETRICS | {_PALETTE}
+"""Photometric Interpretations read as photographs (PS3.3 C.7.6.3.1.2)."""
+
+# Which codestream family a compressed transfer syntax carries, for the header check.
+_JPEG_FAMILY: Final = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes)
+_J2K_FAMILY: Final = frozenset(JPEG2000TransferSyntaxes) | HTJ2K_TRANSFER_SYNTAXES
+
+
+class RefusalReason(StrEnum):
+    """Why a received object cannot be read as a photograph.
+
+    The listener maps each reason to a C-STORE status (PS3.4 B.2.3): for example
+    ``NOT_A_PHOTOGRAPH`` to 0x0122 (SOP class not supported), ``TOO_LARGE`` to 0xA700
+    (out of resources) and the others to 0xA900 or 0xC000 (cannot understand).
+    """
+
+    UNPARSEABLE = "unparseable"
+    """The bytes are not a readable DICOM object (garbage, a truncated file, broken encoding)."""
+    NOT_A_PHOTOGRAPH = "not_a_photograph"
+    """The SOP class is not one of the photograph classes (a CT slice, an SR, ...)."""
+    MISSING_IDENTIFIERS = "missing_identifiers"
+    """SOP Instance, Study Instance or Series Instance UID is absent or empty."""
+    NO_PIXEL_DATA = "no_pixel_data"
+    """A photograph class without (7FE0,0010) Pixel Data."""
+    MISSING_DIMENSIONS = "missing_dimensions"
+    """Rows or Columns is absent, empty or zero."""
+    INVALID_HEADER = "invalid_header"
+    """An Image Pixel attribute has an impossible value or contradicts another one."""
+    MULTI_FRAME = "multi_frame"
+    """More than one frame: dermpacs analyses single photographs."""
+    TOO_LARGE = "too_large"
+    """Rows x Columns is above the configured limit."""
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    """The pixel encoding is not one dermpacs accepts, or no decoder for it is installed."""
+    UNSUPPORTED_PHOTOMETRIC = "unsupported_photometric"
+    """A Photometric Interpretation that is not RGB, YBR, palette or greyscale."""
+    UNSUPPORTED_PIXEL_FORMAT = "unsupported_pixel_format"
+    """A sample layout no photograph uses (1 or 32 bits allocated, float pixel data)."""
+    TRUNCATED_PIXEL_DATA = "truncated_pixel_data"
+    """Fewer pixel data bytes than Rows, Columns and the sample layout require."""
+    CORRUPT_PIXEL_DATA = "corrupt_pixel_data"
+    """Compressed pixel data that does not decode or does not match the header."""
+
+
+class PhotographError(ValueError):
+    """A received object that cannot be read as a photograph.
+
+    Parameters
+    ----------
+    reason : RefusalReason
+        The kind of problem, for choosing a C-STORE status.
+    message : str
+        What is wrong, in words a PACS administrator understands.
+    """
+
+    def __init__(self, reason: RefusalReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the reason when the error crosses a process boundary (a worker's result).
+        return (type(self), (self.reason, str(self)))
+
+
+@dataclass(frozen=True)
+class PhotographHeader:
+    """The checked facts of a photograph's header, before its pixels are decoded.
+
+    Returned by :func:`check_photograph`; every value has passed the checks described there.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    photometric_interpretation: str
+    rows: int
+    columns: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    planar_configuration: int
+    lossy_compression: bool
+
+    @property
+    def megapixels(self) -> float:
+        """Rows x Columns in millions of pixels."""
+        return self.rows * self.columns / 1e6
+
+
+@dataclass(frozen=True, eq=False)
+class Photograph:
+    """One decoded photograph: RGB pixels and the facts the DICOM writers need.
+
+    Attributes
+    ----------
+    rgb : numpy.ndarray
+        ``rows x columns x 3`` ``uint8``, C-contiguous, read-only (copy it to change it).
+        Greyscale photos have three equal channels; MONOCHROME1 is inverted so that higher
+        values are brighter; samples beyond 8 bits are scaled to 8.
+    sop_class_uid, sop_instance_uid, study_instance_uid, series_instance_uid : str
+        The source's identifiers; results go into ``study_instance_uid``.
+    transfer_syntax_uid : str
+        The transfer syntax the photo arrived in.
+    photometric_interpretation : str
+        (0028,0004) as received (e.g. ``YBR_FULL_422`` for a camera JPEG), not as decoded.
+    rows, columns : int
+        The source's dimensions; ``rgb.shape[:2] == (rows, columns)``.
+    lossy_compression : bool
+        Whether the source is, or may be, lossy compressed (its (0028,2110) Lossy Image
+        Compression is ``01`` or its transfer syntax is lossy); derived images must then say
+        so too (PS3.3 C.7.6.1.1.5).
+    """
+
+    rgb: np.ndarray = field(repr=False)
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    photometric_interpretation: str
+    rows: int
+    columns: int
+    lossy_compression: bool = False
+
+    def __post_init__(self) -> None:
+        rgb = self.rgb
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
+            raise TypeError('Argument "rgb" must be a numpy.ndarray of dtype uint8.')
+        if rgb.shape != (self.rows, self.columns, 3):
+            raise ValueError(
+                f'Argument "rgb" must have shape (rows, columns, 3) = '
+                f"({self.rows}, {self.columns}, 3), not {rgb.shape}."
+            )
+        # A read-only view: the caller's array keeps its own flags, and nobody downstream
+        # can change the pixels that SEG, SR and overlay are all derived from.
+        view = np.ascontiguousarray(rgb).view()
+        view.flags.writeable = False
+        object.__setattr__(self, "rgb", view)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def read_photograph_bytes(
+    data: bytes | bytearray | memoryview | str | os.PathLike[str],
+    *,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+) -> Photograph:
+    """Parse a DICOM file (its bytes or its path) and read it as a photograph.
+
+    Parameters
+    ----------
+    data : bytes | bytearray | memoryview | str | os.PathLike
+        A DICOM file in PS3.10 format (128-byte preamble, ``DICM``, file meta information),
+        or the path to one. Deflated files are inflated by pydicom.
+    max_megapixels : float
+        The largest Rows x Columns accepted, in millions of pixels.
+
+    Returns
+    -------
+    Photograph
+        The decoded photograph.
+
+    Raises
+    ------
+    PhotographError
+        ``UNPARSEABLE`` when the bytes do not parse as a complete DICOM file, or any reason
+        of :func:`read_photograph`.
+    OSError
+        When a path is given and the file cannot be opened: a local problem, not the
+        sender's.
+    """
+    dataset = parse_dicom_file(data)
+    return read_photograph(dataset, max_megapixels=max_megapixels)
+
+
+def parse_dicom_file(data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> Dataset:
+    """Parse a DICOM file completely, so that later attribute reads cannot fail.
+
+    pydicom reads values lazily and stops quietly at the end of a short file; this reads
+    every element once and compares each element's length with the bytes present.
+
+    Parameters
+    ----------
+    data : bytes | bytearray | memoryview | str | os.PathLike
+        The file's bytes, or its path.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The data set, with its ``file_meta``.
+
+    Raises
+    ------
+    PhotographError
+        ``UNPARSEABLE`` for anything that is not a complete DICOM file;
+        ``TRUNCATED_PIXEL_DATA`` when the file ends inside the pixel data.
+    OSError
+        When a path is given and the file cannot be opened.
+    """
+    raw = Path(data).read_bytes() if isinstance(data, str | os.PathLike) else bytes(data)
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns about every odd value of a camera's header; what matters here
+            # is whether the object can be read, which the checks below decide.
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(BytesIO(raw), force=False)
+    except MemoryError:
+        raise
+    except Exception as exc:  # pydicom raises many types for broken input
+        raise PhotographError(
+            RefusalReason.UNPARSEABLE,
+            f"The data is not a readable DICOM file ({_describe(exc)}).",
+        ) from exc
+    _check_complete(dataset)
+    if len(dataset) == 0:
+        raise PhotographError(
+            RefusalReason.UNPARSEABLE,
+            "The DICOM file holds file meta information but no data set: it is empty or "
+            "was cut short.",
+        )
+    _read_every_element(dataset)
+    return dataset
+
+
+def read_photograph(
+    dataset: Dataset, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+) -> Photograph:
+    """Read a parsed data set as a photograph: check its header, then decode its pixels.
+
+    Parameters
+    ----------
+    dataset : pydicom.dataset.Dataset
+        The received object. Its ``file_meta.TransferSyntaxUID`` names the encoding; without
+        it (a data set decoded off the network) the encoding pydicom read it with is used,
+        which only works for native pixel data.
+    max_megapixels : float
+        The largest Rows x Columns accepted, in millions of pixels.
+
+    Returns
+    -------
+    Photograph
+        The RGB pixels and the source's identifiers.
+
+    Raises
+    ------
+    PhotographError
+        For every object that is not one readable photograph; ``reason`` says why.
+    """
+    header = check_photograph(dataset, max_megapixels=max_megapixels)
+    rgb = _decode_rgb(dataset, header)
+    return Photograph(
+        rgb=rgb,
+        sop_class_uid=header.sop_class_uid,
+        sop_instance_uid=header.sop_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        photometric_interpretation=header.photometric_interpretation,
+        rows=header.rows,
+        columns=header.columns,
+        lossy_compression=header.lossy_compression,
+    )
+
+
+def check_photograph(
+    dataset: Dataset, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+) -> PhotographHeader:
+    """Check a photograph's header without decoding its pixels.
+
+    Cheap enough for the listener to call while the association is open. The checks, in
+    order: complete elements, SOP class, identifiers, pixel data present, transfer syntax,
+    Number of Frames, Rows and Columns, size limit, pixel format, native pixel data length,
+    and for compressed data the dimensions inside the codestream.
+
+    Parameters
+    ----------
+    dataset : pydicom.dataset.Dataset
+        The received object.
+    max_megapixels : float
+        The largest Rows x Columns accepted, in millions of pixels.
+
+    Returns
+    -------
+    PhotographHeader
+        The checked header facts.
+
+    Raises
+    ------
+    PhotographError
+        With the reason of the first check that fails.
+    """
+    if max_megapixels <= 0:
+        raise ValueError('Argument "max_megapixels" must be positive.')
+    _check_complete(dataset)
+
+    sop_class_uid = _uid(dataset, "SOPClassUID")
+    if sop_class_uid is None:
+        raise PhotographError(
+            RefusalReason.NOT_A_PHOTOGRAPH,
+            "The object has no SOP Class UID (0008,0016), so it cannot be a photograph.",
+        )
+    if sop_class_uid not in PHOTO_SOP_CLASSES:
+        raise PhotographError(
+            RefusalReason.NOT_A_PHOTOGRAPH,
+            f"The object is a {_uid_name(sop_class_uid)} ({sop_class_uid}), not a photograph; "
+            f"dermpacs reads {_accepted_classes_text()}.",
+        )
+
+    identifiers: dict[str, str] = {}
+    for keyword, tag in (
+        ("SOPInstanceUID", "(0008,0018)"),
+        ("StudyInstanceUID", "(0020,000D)"),
+        ("SeriesInstanceUID", "(0020,000E)"),
+    ):
+        value = _uid(dataset, keyword)
+        if value is None:
+            raise PhotographError(
+                RefusalReason.MISSING_IDENTIFIERS,
+                f"The photograph has no {_spaced(keyword)} {tag}; results could not be "
+                "placed in its study.",
+            )
+        identifiers[keyword] = value
+
+    for keyword in _FLOAT_PIXEL_DATA_KEYWORDS:
+        if keyword in dataset:
+            raise PhotographError(
+                RefusalReason.UNSUPPORTED_PIXEL_FORMAT,
+                f"The photograph holds {_spaced(keyword)} (floating point samples); "
+                "photographs have integer samples in Pixel Data (7FE0,0010).",
+            )
+    if _PIXEL_DATA_TAG not in dataset:
+        raise PhotographError(
+            RefusalReason.NO_PIXEL_DATA,
+            "The photograph has no Pixel Data (7FE0,0010).",
+        )
+
+    transfer_syntax = _transfer_syntax(dataset)
+    number_of_frames = _number_of_frames(dataset)
+    if number_of_frames > 1:
+        raise PhotographError(
+            RefusalReason.MULTI_FRAME,
+            f"The object has {number_of_frames} frames; dermpacs analyses single photographs "
+            "(send each photo as its own instance).",
+        )
+
+    rows = _int(dataset, "Rows")
+    columns = _int(dataset, "Columns")
+    if not rows or not columns:
+        missing = [name for name, value in (("Rows", rows), ("Columns", columns)) if not value]
+        raise PhotographError(
+            RefusalReason.MISSING_DIMENSIONS,
+            f"The photograph's {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing, empty or zero.",
+        )
+    megapixels = rows * columns / 1e6
+    if megapixels > max_megapixels:
+        raise PhotographError(
+            RefusalReason.TOO_LARGE,
+            f"The photograph is {columns} x {rows} pixels ({megapixels:.1f} megapixels), "
+            f"above the limit of {max_megapixels:g} megapixels.",
+        )
+
+    photometric = _photometric_interpretation(dataset)
+    samples_per_pixel, bits_allocated, bits_stored, pixel_representation, planar = _sample_layout(
+        dataset, photometric
+    )
+    if photometric == _PALETTE:
+        _check_palette(dataset)
+
+    header = PhotographHeader(
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=identifiers["SOPInstanceUID"],
+        study_instance_uid=identifiers["StudyInstanceUID"],
+        series_instance_uid=identifiers["SeriesInstanceUID"],
+        transfer_syntax_uid=transfer_syntax,
+        photometric_interpretation=photometric,
+        rows=rows,
+        columns=columns,
+        samples_per_pixel=samples_per_pixel,
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        pixel_representation=pixel_representation,
+        planar_configuration=planar,
+        lossy_compression=_is_lossy(dataset, transfer_syntax),
+    )
+    pixel_data = _pixel_data_bytes(dataset)
+    if UID(transfer_syntax).is_encapsulated:
+        _check_codestream(_first_frame(pixel_data, header), header)
+    else:
+        _check_native_length(pixel_data, header)
+    return header
+
+
+# --- header checks ------------------------------------------------------------------------
+
+
+def _check_complete(dataset: Dataset) -> None:
+    """Refuse a data set whose elements are shorter than their declared lengths.
+
+    pydicom stops quietly when a file ends inside an element; the element then holds fewer
+    bytes than its header declares. Pixel data cut short gets its own reason.
+    """
+    datasets: list[Dataset] = [dataset]
+    file_meta = getattr(dataset, "file_meta", None)
+    if isinstance(file_meta, Dataset):
+        datasets.append(file_meta)
+    for current in datasets:
+        for tag in list(current.keys()):
+            try:
+                element = current.get_item(tag)
+            except Exception as exc:
+                raise _unparseable(tag, exc) from exc
+            if not isinstance(element, RawDataElement) or element.value is None:
+                continue
+            if element.length == _UNDEFINED_LENGTH or len(element.value) >= element.length:
+                continue
+            if tag == _PIXEL_DATA_TAG:
+                raise PhotographError(
+                    RefusalReason.TRUNCATED_PIXEL_DATA,
+                    f"The file ends inside the pixel data: {len(element.value)} of "
+                    f"{element.length} bytes are present.",
+                )
+            raise PhotographError(
+                RefusalReason.UNPARSEABLE,
+                f"The file ends inside element {_tag_text(tag)}: it was cut short.",
+            )
+
+
+def _read_every_element(dataset: Dataset) -> None:
+    """Convert every element once, so that a broken value shows now and as UNPARSEABLE."""
+    for current in (getattr(dataset, "file_meta", None), dataset):
+        if not isinstance(current, Dataset):
+            continue
+        for tag in list(current.keys()):
+            try:
+                element = current[tag]
+                if element.VR == "SQ":
+                    for item in element.value:
+                        _read_every_element(item)
+            except PhotographError:
+                raise
+            except MemoryError:
+                raise
+            except Exception as exc:
+                raise _unparseable(tag, exc) from exc
+
+
+def _value(dataset: Dataset, keyword: str) -> Any:
+    """The value of a top-level attribute, ``None`` when absent or empty."""
+    try:
+        element = dataset[keyword] if keyword in dataset else None
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise PhotographError(
+            RefusalReason.UNPARSEABLE,
+            f"The value of {_spaced(keyword)} cannot be read ({_describe(exc)}).",
+        ) from exc
+    if element is None or element.is_empty:
+        return None
+    return element.value
+
+
+def _uid(dataset: Dataset, keyword: str) -> str | None:
+    value = _value(dataset, keyword)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    text = str(value).strip("\x00 ")
+    return text or None
+
+
+def _int(dataset: Dataset, keyword: str) -> int | None:
+    """An integer attribute (US or IS): ``None`` when absent or empty."""
+    value = _value(dataset, keyword)
+    if value is None:
+        return None
+    if isinstance(value, bytes) and len(value) == 2:
+        # Explicit VR "UN" for a US element: read it as the little endian short it is.
+        value = struct.unpack("<H", value)[0]
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"{_spaced(keyword)} has the value {_short_repr(value)}, not a single integer.",
+        )
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number.is_integer():
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"{_spaced(keyword)} has the value {_short_repr(value)}, not an integer.",
+        )
+    return int(number)
+
+
+def _transfer_syntax(dataset: Dataset) -> str:
+    file_meta = getattr(dataset, "file_meta", None)
+    syntax = _uid(file_meta, "TransferSyntaxUID") if isinstance(file_meta, Dataset) else None
+    if syntax is None:
+        # A data set decoded off the network carries its encoding, not a file meta group.
+        is_implicit, is_little = dataset.original_encoding
+        if is_little is True and is_implicit is not None:
+            syntax = ImplicitVRLittleEndian if is_implicit else ExplicitVRLittleEndian
+        else:
+            raise PhotographError(
+                RefusalReason.UNSUPPORTED_TRANSFER_SYNTAX,
+                "The object does not say its transfer syntax (no file meta information).",
+            )
+    if syntax not in ACCEPTED_TRANSFER_SYNTAXES:
+        raise PhotographError(
+            RefusalReason.UNSUPPORTED_TRANSFER_SYNTAX,
+            f"The pixel data is encoded as {_uid_name(syntax)} ({syntax}), which dermpacs "
+            "does not read; send it as JPEG, JPEG-LS, JPEG 2000, RLE or uncompressed.",
+        )
+    return str(syntax)
+
+
+def _number_of_frames(dataset: Dataset) -> int:
+    frames = _int(dataset, "NumberOfFrames")
+    if frames is None:
+        return 1
+    if frames < 1:
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"Number of Frames (0028,0008) is {frames}; a photograph has one frame.",
+        )
+    return frames
+
+
+def _photometric_interpretation(dataset: Dataset) -> str:
+    value = _value(dataset, "PhotometricInterpretation")
+    if value is None:
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            "The photograph has no Photometric Interpretation (0028,0004).",
+        )
+    text = str(value).strip("\x00 ").upper()
+    if text not in SUPPORTED_PHOTOMETRICS:
+        raise PhotographError(
+            RefusalReason.UNSUPPORTED_PHOTOMETRIC,
+            f"The photometric interpretation {_short_repr(text)} is not read by dermpacs; "
+            f"it reads {', '.join(sorted(SUPPORTED_PHOTOMETRICS))}.",
+        )
+    return text
+
+
+def _sample_layout(dataset: Dataset, photometric: str) -> tuple[int, int, int, int, int]:
+    """Check and return samples per pixel, bits allocated and stored, sign and planarity."""
+    samples_per_pixel = _int(dataset, "SamplesPerPixel")
+    expected_samples = 3 if photometric in _COLOUR_PHOTOMETRICS else 1
+    if samples_per_pixel is None:
+        samples_per_pixel = expected_samples  # a camera that left it out; the PI decides
+    if samples_per_pixel != expected_samples:
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"Samples per Pixel is {samples_per_pixel}, but {photometric} needs "
+            f"{expected_samples}.",
+        )
+
+    bits_allocated = _int(dataset, "BitsAllocated")
+    if bits_allocated is None:
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER, "The photograph has no Bits Allocated (0028,0100)."
+        )
+    if bits_allocated not in (8, 16):
+        raise PhotographError(
+            RefusalReason.UNSUPPORTED_PIXEL_FORMAT,
+            f"Bits Allocated is {bits_allocated}; photographs have 8 or 16 bits per sample.",
+        )
+    bits_stored = _int(dataset, "BitsStored")
+    if bits_stored is None:
+        bits_stored = bits_allocated
+    if not 1 <= bits_stored <= bits_allocated:
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"Bits Stored is {bits_stored} with Bits Allocated {bits_allocated}.",
+        )
+    pixel_representation = _int(dataset, "PixelRepresentation") or 0
+    if pixel_representation not in (0, 1):
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"Pixel Representation is {pixel_representation}; it must be 0 or 1.",
+        )
+    if photometric == _PALETTE and pixel_representation == 1:
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            "A PALETTE COLOR photograph must have unsigned indices (Pixel Representation 0).",
+        )
+    planar = _int(dataset, "PlanarConfiguration") or 0
+    if samples_per_pixel == 3 and planar not in (0, 1):
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"Planar Configuration is {planar}; it must be 0 or 1.",
+        )
+    if samples_per_pixel == 1:
+        planar = 0
+    return samples_per_pixel, bits_allocated, bits_stored, pixel_representation, planar
+
+
+def _check_palette(dataset: Dataset) -> None:
+    for colour in ("Red", "Green", "Blue"):
+        descriptor = _value(dataset, f"{colour}PaletteColorLookupTableDescriptor")
+        data = _value(dataset, f"{colour}PaletteColorLookupTableData")
+        segmented = _value(dataset, f"Segmented{colour}PaletteColorLookupTableData")
+        if descriptor is None or (data is None and segmented is None):
+            raise PhotographError(
+                RefusalReason.INVALID_HEADER,
+                f"The PALETTE COLOR photograph has no complete {colour.lower()} palette "
+                "(descriptor and data, PS3.3 C.7.6.3.1.5).",
+            )
+        if not isinstance(descriptor, list | tuple) or len(descriptor) != 3:
+            raise PhotographError(
+                RefusalReason.INVALID_HEADER,
+                f"The {colour.lower()} palette descriptor must have three values.",
+            )
+        if descriptor[2] not in (8, 16):
+            raise PhotographError(
+                RefusalReason.INVALID_HEADER,
+                f"The {colour.lower()} palette has {descriptor[2]} bits per entry; "
+                "it must be 8 or 16.",
+            )
+
+
+def _is_lossy(dataset: Dataset, transfer_syntax: str) -> bool:
+    flag = _value(dataset, "LossyImageCompression")
+    if flag is not None and str(flag).strip() == "01":
+        return True
+    return UID(transfer_syntax) in LOSSY_TRANSFER_SYNTAXES
+
+
+def _pixel_data_bytes(dataset: Dataset) -> bytes:
+    value = _value(dataset, "PixelData")
+    if value is None:
+        raise PhotographError(RefusalReason.NO_PIXEL_DATA, "The Pixel Data (7FE0,0010) is empty.")
+    if not isinstance(value, bytes | bytearray):
+        raise PhotographError(
+            RefusalReason.UNPARSEABLE,
+            f"The Pixel Data (7FE0,0010) was read as {type(value).__name__}, not as bytes.",
+        )
+    return bytes(value)
+
+
+def _native_frame_length(header: PhotographHeader) -> int:
+    bytes_per_sample = header.bits_allocated // 8
+    pixels = header.rows * header.columns
+    if header.photometric_interpretation == "YBR_FULL_422":
+        # Two luminance and two chrominance samples per pair of pixels (PS3.3 C.7.6.3.1.2).
+        return pixels * 2 * bytes_per_sample
+    return pixels * header.samples_per_pixel * bytes_per_sample
+
+
+def _check_native_length(pixel_data: bytes, header: PhotographHeader) -> None:
+    expected = _native_frame_length(header)
+    if len(pixel_data) < expected:
+        raise PhotographError(
+            RefusalReason.TRUNCATED_PIXEL_DATA,
+            f"The pixel data has {len(pixel_data)} bytes, fewer than the {expected} that "
+            f"{header.columns} x {header.rows} pixels of {header.photometric_interpretation}, "
+            f"{header.bits_allocated} bits, need.",
+        )
+    if header.photometric_interpretation in ("YBR_ICT", "YBR_RCT"):
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"{header.photometric_interpretation} is only used with JPEG 2000 compression, "
+            "not with uncompressed pixel data.",
+        )
+
+
+def _first_frame(pixel_data: bytes, header: PhotographHeader) -> bytes:
+    """The encoded frame of an encapsulated single-frame photo (PS3.5 A.4), not decoded."""
+    try:
+        frame = next(iter(_frames(pixel_data)))
+    except StopIteration:
+        frame = b""
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise PhotographError(
+            RefusalReason.CORRUPT_PIXEL_DATA,
+            f"The compressed pixel data is not correctly encapsulated ({_describe(exc)}).",
+        ) from exc
+    if not frame:
+        raise PhotographError(
+            RefusalReason.CORRUPT_PIXEL_DATA,
+            f"The {_uid_name(header.transfer_syntax_uid)} pixel data holds no encoded frame.",
+        )
+    return frame
+
+
+def _frames(pixel_data: bytes) -> Iterator[bytes]:
+    # One frame: every fragment belongs to it, whatever the offset table says.
+    return generate_frames(pixel_data, number_of_frames=1)
+
+
+def _check_codestream(frame: bytes, header: PhotographHeader) -> None:
+    """Compare the dimensions inside a codestream with Rows, Columns and Samples per Pixel.
+
+    Decoders size their output from the codestream, so a 100 x 100 header over a
+    60000 x 60000 JPEG would otherwise allocate gigabytes before anything notices.
+    """
+    syntax = UID(header.transfer_syntax_uid)
+    if syntax in _JPEG_FAMILY:
+        found = _jpeg_frame_size(frame)
+        kind = "JPEG-LS" if syntax in JPEGLSTransferSyntaxes else "JPEG"
+    elif syntax in _J2K_FAMILY:
+        found = _j2k_frame_size(frame)
+        kind = "JPEG 2000"
+    elif syntax == RLELossless:
+        _check_rle_header(frame, header)
+        return
+    else:  # pragma: no cover - every accepted encapsulated syntax is handled above
+        return
+    if found is None:
+        raise PhotographError(
+            RefusalReason.CORRUPT_PIXEL_DATA,
+            f"The pixel data does not start with a {kind} codestream header.",
+        )
+    rows, columns, components = found
+    # A JPEG height of 0 is defined later by a DNL marker (ISO 10918-1 B.2.5): not checkable.
+    if (
+        (rows != header.rows and rows != 0)
+        or columns != header.columns
+        or components != header.samples_per_pixel
+    ):
+        raise PhotographError(
+            RefusalReason.CORRUPT_PIXEL_DATA,
+            f"The {kind} codestream holds {columns} x {rows} pixels with {components} "
+            f"components, but the header says {header.columns} x {header.rows} with "
+            f"{header.samples_per_pixel}.",
+        )
+
+
+def _jpeg_frame_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG or JPEG-LS SOF segment (ISO 10918-1 B.2.2)."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    size = len(frame)
+    while offset + 4 <= size:
+        if frame[offset] != 0xFF:
+            return None
+        marker = frame[offset + 1]
+        if marker == 0xFF:  # fill byte before a marker (B.1.1.2)
+            offset += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            offset += 2
+            continue
+        is_sof = (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7
+        if is_sof:
+            if offset + 10 > size:
+                return None
+            height, width = struct.unpack(">HH", frame[offset + 5 : offset + 9])
+            return height, width, frame[offset + 9]
+        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
+            return None
+        (length,) = struct.unpack(">H", frame[offset + 2 : offset + 4])
+        if length < 2:
+            return None
+        offset += 2 + length
+    return None
+
+
+def _j2k_frame_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG 2000 SIZ segment (ISO 15444-1 A.5.1)."""
+    offset = 0
+    if frame[4:8] == b"jP  ":
+        # A JP2 file instead of a bare codestream: find the contiguous codestream box.
+        offset = 0
+        while offset + 8 <= len(frame):
+            (length,) = struct.unpack(">I", frame[offset : offset + 4])
+            if frame[offset + 4 : offset + 8] == b"jp2c":
+                offset += 8
+                break
+            if length < 8:
+                return None
+            offset += length
+        else:
+            return None
+    siz = frame[offset : offset + 42]
+    if len(siz) < 42 or siz[:4] != b"\xff\x4f\xff\x51":
+        return None
+    xsiz, ysiz, x_origin, y_origin = struct.unpack(">IIII", siz[8:24])
+    (components,) = struct.unpack(">H", siz[40:42])
+    if xsiz <= x_origin or ysiz <= y_origin:
+        return None
+    return ysiz - y_origin, xsiz - x_origin, components
+
+
+def _check_rle_header(frame: bytes, header: PhotographHeader) -> None:
+    """The RLE header's segment count must match the samples (PS3.5 G.3.1, G.5)."""
+    if len(frame) < 64:
+        raise PhotographError(
+            RefusalReason.CORRUPT_PIXEL_DATA,
+            "The RLE pixel data is shorter than its 64-byte header.",
+        )
+    (segments,) = struct.unpack("<I", frame[:4])
+    expected = header.samples_per_pixel * header.bits_allocated // 8
+    if segments != expected:
+        raise PhotographError(
+            RefusalReason.CORRUPT_PIXEL_DATA,
+            f"The RLE header lists {segments} segments where {expected} are needed.",
+        )
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+
+def _decode_rgb(dataset: Dataset, header: PhotographHeader) -> np.ndarray:
+    """Decode the one frame and turn it into ``rows x columns x 3`` ``uint8`` RGB."""
+    pixels, photometric, bits_stored = _decode_frame(dataset, header)
+    if header.photometric_interpretation == _PALETTE:
+        return _palette_to_rgb(dataset, pixels)
+    if header.samples_per_pixel == 1:
+        grey = _grey_to_uint8(dataset, pixels, header, bits_stored)
+        return np.ascontiguousarray(np.repeat(grey[:, :, np.newaxis], 3, axis=2))
+    if photometric in ("YBR_FULL", "YBR_FULL_422"):
+        # Only reached when the decoder left YCbCr as it was: convert once, here.
+        pixels = convert_color_space(pixels, "YBR_FULL", "RGB")
+    elif photometric != "RGB":
+        raise PhotographError(
+            RefusalReason.UNSUPPORTED_PHOTOMETRIC,
+            f"The decoder returned {photometric} samples, which dermpacs cannot turn into RGB.",
+        )
+    return np.ascontiguousarray(
+        _scale_to_uint8(pixels, bits_stored, header.pixel_representation == 1)
+    )
+
+
+def _decode_frame(dataset: Dataset, header: PhotographHeader) -> tuple[np.ndarray, str, int]:
+    """Return the decoded samples, the colour space they are in, and their bits stored."""
+    syntax = UID(header.transfer_syntax_uid)
+    decoder = get_decoder(syntax)
+    options: dict[str, Any] = {
+        "rows": header.rows,
+        "columns": header.columns,
+        "samples_per_pixel": header.samples_per_pixel,
+        "bits_allocated": header.bits_allocated,
+        "bits_stored": header.bits_stored,
+        "pixel_representation": header.pixel_representation,
+        "photometric_interpretation": header.photometric_interpretation,
+        "number_of_frames": 1,
+        "allow_excess_frames": False,
+        "pixel_keyword": "PixelData",
+    }
+    if header.samples_per_pixel > 1:
+        options["planar_configuration"] = header.planar_configuration
+    source: bytes = _pixel_data_bytes(dataset)
+    if syntax.is_encapsulated:
+        source = _first_frame(source, header)
+        # Re-encapsulating the one frame keeps pydicom from looking for more frames.
+        source = _encapsulate_one(source)
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns when it corrects a mislabelled colour space (a JFIF JPEG marked
+            # RGB); the correction is what we want, the warning is noise in a service log.
+            warnings.simplefilter("ignore")
+            array, properties = decoder.as_array(source, index=0, validate=True, **options)
+    except MemoryError:
+        raise
+    except Exception as exc:  # decoders raise what their libraries raise
+        raise PhotographError(
+            RefusalReason.CORRUPT_PIXEL_DATA,
+            f"The {_uid_name(syntax)} pixel data could not be decoded ({_describe(exc)}).",
+        ) from exc
+    expected_shape: tuple[int, ...] = (header.rows, header.columns)
+    if header.samples_per_pixel > 1:
+        expected_shape += (header.samples_per_pixel,)
+    if array.shape != expected_shape:
+        raise PhotographError(
+            RefusalReason.CORRUPT_PIXEL_DATA,
+            f"The decoded pixel data has shape {array.shape}, not {expected_shape}.",
+        )
+    photometric = str(properties.get("photometric_interpretation", "RGB"))
+    bits_stored = int(properties.get("bits_stored", header.bits_stored))
+    return array, photometric, min(bits_stored, array.dtype.itemsize * 8)
+
+
+def _encapsulate_one(frame: bytes) -> bytes:
+    return encapsulate([frame], has_bot=False)
+
+
+def _scale_to_uint8(pixels: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Map the full range of Bits Stored linearly onto 0-255."""
+    if pixels.dtype == np.uint8 and bits_stored == 8 and not signed:
+        return pixels
+    low = -(1 << (bits_stored - 1)) if signed else 0
+    high = low + (1 << bits_stored) - 1
+    return _linear_to_uint8(pixels, float(low), float(high))
+
+
+def _linear_to_uint8(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+    scaled = (pixels.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _grey_to_uint8(
+    dataset: Dataset, pixels: np.ndarray, header: PhotographHeader, bits_stored: int
+) -> np.ndarray:
+    """Greyscale to display values: a VOI window when one is given, then MONOCHROME1 inverted.
+
+    8-bit greyscale photos are used as they are. Deeper samples use the first VOI window
+    of the header (PS3.3 C.11.2.1.2, after any Modality rescale) and otherwise the full
+    range of Bits Stored, so that the picture is not stretched by its own content.
+    """
+    signed = header.pixel_representation == 1
+    window = _voi_window(dataset) if bits_stored > 8 else None
+    if window is None:
+        grey = _scale_to_uint8(pixels, bits_stored, signed)
+    else:
+        slope, intercept, centre, width = window
+        values = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        # The linear VOI function of PS3.3 C.11.2.1.2.1.
+        low = centre - 0.5 - (width - 1) / 2
+        high = centre - 0.5 + (width - 1) / 2
+        grey = _linear_to_uint8(values, low, high)
+    if header.photometric_interpretation == "MONOCHROME1":
+        grey = 255 - grey  # MONOCHROME1: the lowest value is white (PS3.3 C.7.6.3.1.2)
+    return grey
+
+
+def _voi_window(dataset: Dataset) -> tuple[float, float, float, float] | None:
+    try:
+        centre = _first_number(_value(dataset, "WindowCenter"))
+        width = _first_number(_value(dataset, "WindowWidth"))
+        slope = _first_number(_value(dataset, "RescaleSlope"))
+        intercept = _first_number(_value(dataset, "RescaleIntercept"))
+    except PhotographError:
+        return None  # a broken window is ignored: it only affects the display range
+    if centre is None or width is None or width < 1:
+        return None
+    return (1.0 if slope is None or slope == 0 else slope), (intercept or 0.0), centre, width
+
+
+def _first_number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        if not value:
+            return None
+        value = value[0]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _palette_to_rgb(dataset: Dataset, indices: np.ndarray) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rgb = apply_color_lut(indices, dataset)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"The PALETTE COLOR lookup tables cannot be applied ({_describe(exc)}).",
+        ) from exc
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise PhotographError(
+            RefusalReason.INVALID_HEADER,
+            f"The PALETTE COLOR lookup tables gave an array of shape {rgb.shape}.",
+        )
+    rgb = rgb[:, :, :3]
+    if rgb.dtype != np.uint8:
+        # 16-bit palette entries (PS3.3 C.7.6.3.1.5): 65535 is full intensity.
+        rgb = _linear_to_uint8(rgb, 0.0, 65535.0)
+    return np.ascontiguousarray(rgb)
+
+
+# --- message helpers ----------------------------------------------------------------------
+
+
+def _uid_name(value: str) -> str:
+    uid = UID(value)
+    name = uid.name
+    return name if name and name != str(uid) else "unknown object type"
+
+
+def _accepted_classes_text() -> str:
+    names = [
+        _uid_name(uid).removesuffix(" Storage")
+        + (" with one frame" if uid == MULTIFRAME_TRUE_COLOR_SC_IMAGE else "")
+        for uid in PHOTO_SOP_CLASSES
+    ]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _spaced(keyword: str) -> str:
+    """'SOPInstanceUID' -> 'SOP Instance UID', for messages."""
+    words: list[str] = []
+    current = ""
+    for index, char in enumerate(keyword):
+        following = keyword[index + 1] if index + 1 < len(keyword) else ""
+        starts_word = (
+            char.isupper()
+            and current
+            and (not current[-1].isupper() or (following and following.islower()))
+        )
+        if starts_word:
+            words.append(current)
+            current = char
+        else:
+            current += char
+    words.append(current)
+    return " ".join(words)
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _unparseable(tag: int, exc: BaseException) -> PhotographError:
+    return PhotographError(
+        RefusalReason.UNPARSEABLE,
+        f"Element {_tag_text(tag)} cannot be read ({_describe(exc)}).",
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_MEGAPIXELS",
+    "SUPPORTED_PHOTOMETRICS",
+    "Photograph",
+    "PhotographError",
+    "PhotographHeader",
+    "RefusalReason",
+    "check_photograph",
+    "parse_dicom_file",
+    "read_photograph",
+    "read_photograph_bytes",
+]
