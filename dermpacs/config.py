@@ -122,7 +122,9 @@ class CropSettings(_Section):
 
 class QualitySettings(_Section):
     min_skin_fraction: float = Field(0.05, ge=0, le=1)
-    min_sharpness: float = Field(0.0, ge=0)
+    # Noise-corrected variance of the Laplacian at long side 512 (dermpacs.inference.quality
+    # explains the calibration); 0 turns the blur check off.
+    min_sharpness: float = Field(35.0, ge=0)
 
 
 ResultObject = Literal["seg", "sr", "overlay"]
