@@ -1,0 +1,245 @@
+"""Which C-STORE requests the listener takes, decided from the header alone.
+
+The checks are cheap: the request's SOP class, then the data set's header read with
+``stop_before_pixels`` and the length of the Pixel Data element; pixel data is never decoded
+here (the worker does that). A refusal carries the C-STORE status of PS3.4 Annex B.2.3 and a
+reason that names UIDs and attributes only, never patient data.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass
+from enum import IntEnum
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+# PS3.5 9.1: a UID is at most 64 characters of digits and dots, components without
+# leading zeros (a lone "0" is allowed).
+_UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses the listener answers with (PS3.4 B.2.3, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    OUT_OF_RESOURCES = 0xA700
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+
+
+class AdmissionRefused(Exception):
+    """The request is refused with ``status``; ``reason`` is for the log and ErrorComment."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(f"0x{status:04X} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AdmittedInstance:
+    """The header facts of an admitted instance that the job store records."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    rows: int
+    columns: int
+
+
+def is_valid_uid(value: object) -> bool:
+    """Whether ``value`` is a syntactically valid UID (PS3.5 9.1)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_PATTERN.match(value))
+
+
+def _check_pixel_data_element(
+    stream: io.BytesIO, transfer_syntax: UID, expected_native_length: int
+) -> None:
+    """Look at the Pixel Data element where the header parse stopped, without reading it."""
+    start = stream.tell()
+    data = stream.getbuffer()
+    remaining = len(data) - start
+    if remaining < 8 or bytes(data[start : start + 4]) != _PIXEL_DATA_TAG:
+        raise AdmissionRefused(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data")
+    if transfer_syntax == ImplicitVRLittleEndian:
+        (length,) = struct.unpack_from("<I", data, start + 4)
+        value_start = start + 8
+    else:
+        vr = bytes(data[start + 4 : start + 6])
+        if vr in _LONG_VRS:
+            if remaining < 12:
+                raise AdmissionRefused(StoreStatus.CANNOT_UNDERSTAND, "Pixel Data truncated")
+            (length,) = struct.unpack_from("<I", data, start + 8)
+            value_start = start + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, start + 6)
+            value_start = start + 8
+    available = len(data) - value_start
+    if transfer_syntax.is_compressed:
+        # Encapsulated (PS3.5 A.4): undefined length, then items (offset table first).
+        if length != _UNDEFINED_LENGTH or bytes(data[value_start : value_start + 4]) != _ITEM_TAG:
+            raise AdmissionRefused(
+                StoreStatus.CANNOT_UNDERSTAND, "Pixel Data is not encapsulated as its syntax says"
+            )
+        return
+    if length == _UNDEFINED_LENGTH or length > available:
+        raise AdmissionRefused(
+            StoreStatus.CANNOT_UNDERSTAND,
+            f"Pixel Data declares {length} bytes, {available} received",
+        )
+    if length < expected_native_length:
+        raise AdmissionRefused(
+            StoreStatus.CANNOT_UNDERSTAND,
+            f"Pixel Data has {length} bytes, Rows x Columns x samples need "
+            f"{expected_native_length}",
+        )
+
+
+def _check_complete(header: Dataset) -> None:
+    """Refuse a header that the parser read past the end of the bytes.
+
+    pydicom reads a cut stream without complaint: it stops where the bytes end and keeps a
+    short value. Compare each element's declared length with what was read.
+    """
+    if "TransferSyntaxUID" not in header.file_meta:
+        raise AdmissionRefused(
+            StoreStatus.CANNOT_UNDERSTAND, "file meta information incomplete (truncated)"
+        )
+    for tag in header.keys():
+        raw = header.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH:
+            value = raw.value or b""
+            if len(value) < raw.length:
+                raise AdmissionRefused(
+                    StoreStatus.CANNOT_UNDERSTAND,
+                    f"element {tag} declares {raw.length} bytes, {len(value)} received",
+                )
+
+
+def _positive_int(header: Dataset, keyword: str) -> int:
+    value = header.get(keyword)
+    if not isinstance(value, int) or value <= 0:
+        raise AdmissionRefused(
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} missing or not positive"
+        )
+    return value
+
+
+def admit(
+    encoded: bytes,
+    *,
+    affected_sop_class_uid: str,
+    affected_sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    accepted_sop_classes: Collection[str],
+    max_megapixels: float,
+) -> AdmittedInstance:
+    """Decide from the header whether a received instance is taken.
+
+    Parameters
+    ----------
+    encoded
+        The data set as received, with file meta information
+        (``event.encoded_dataset(include_meta=True)``).
+    affected_sop_class_uid, affected_sop_instance_uid
+        From the C-STORE request.
+    transfer_syntax_uid
+        The presentation context's transfer syntax.
+    accepted_sop_classes
+        The SOP classes read as photographs.
+    max_megapixels
+        Largest Rows x Columns taken, in millions of pixels.
+
+    Returns
+    -------
+    AdmittedInstance
+
+    Raises
+    ------
+    AdmissionRefused
+        0x0122 for a SOP class that is not a photograph, 0xA900 when the header does not
+        match the request or lacks a required attribute, 0xC000 when the bytes do not parse
+        or the photo is larger than ``max_megapixels``.
+    """
+    if affected_sop_class_uid not in accepted_sop_classes:
+        raise AdmissionRefused(
+            StoreStatus.SOP_CLASS_NOT_SUPPORTED,
+            f"SOP class {affected_sop_class_uid} is not a photograph class",
+        )
+    syntax = UID(transfer_syntax_uid)
+    stream = io.BytesIO(encoded)
+    try:
+        header = dcmread(stream, stop_before_pixels=True)
+        _check_complete(header)
+        sop_class = header.get("SOPClassUID")
+        sop_instance = header.get("SOPInstanceUID")
+        study = header.get("StudyInstanceUID")
+        series = header.get("SeriesInstanceUID")
+    except AdmissionRefused:
+        raise
+    except Exception as exc:  # a hostile header can raise anything from the parser
+        raise AdmissionRefused(
+            StoreStatus.CANNOT_UNDERSTAND, f"header does not parse: {type(exc).__name__}"
+        ) from exc
+    if sop_class != affected_sop_class_uid:
+        raise AdmissionRefused(
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            f"SOP Class UID {sop_class} differs from the request's {affected_sop_class_uid}",
+        )
+    if sop_instance != affected_sop_instance_uid:
+        raise AdmissionRefused(
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Instance UID differs from the request's",
+        )
+    for keyword, value in (
+        ("SOPInstanceUID", sop_instance),
+        ("StudyInstanceUID", study),
+        ("SeriesInstanceUID", series),
+    ):
+        if not is_valid_uid(value):
+            raise AdmissionRefused(
+                StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} missing or not a UID"
+            )
+    try:
+        rows = _positive_int(header, "Rows")
+        columns = _positive_int(header, "Columns")
+        samples = _positive_int(header, "SamplesPerPixel")
+        bits = _positive_int(header, "BitsAllocated")
+        frames = int(header.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as exc:
+        raise AdmissionRefused(
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"image pixel module: {exc}"
+        ) from exc
+    megapixels = rows * columns / 1e6
+    if megapixels > max_megapixels:
+        raise AdmissionRefused(
+            StoreStatus.CANNOT_UNDERSTAND,
+            f"{rows} x {columns} is {megapixels:.1f} MP, above intake.max_megapixels",
+        )
+    if syntax != DeflatedExplicitVRLittleEndian:  # deflated: the parser read an inflated copy
+        expected = rows * columns * samples * ((bits + 7) // 8) * max(frames, 1)
+        _check_pixel_data_element(stream, syntax, expected)
+    return AdmittedInstance(
+        study_instance_uid=str(study),
+        series_instance_uid=str(series),
+        sop_instance_uid=str(sop_instance),
+        sop_class_uid=str(sop_class),
+        transfer_syntax_uid=str(syntax),
+        rows=rows,
+        columns=columns,
+    )

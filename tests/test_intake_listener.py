@@ -1,0 +1,226 @@
+"""The listener over real associations on loopback: what is taken, kept and refused."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dermpacs.config import IntakeSettings, ListenerSettings
+from dermpacs.imaging.sopclasses import DERMOSCOPIC_PHOTOGRAPHY_IMAGE, VL_PHOTOGRAPHIC_IMAGE
+from dermpacs.intake import Spool
+from dermpacs.intake.listener import Listener
+from dermpacs.jobs import JobState, JobStore, make_engine
+from tests.test_intake_admission import photo
+
+MODEL = "test-model"
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, **listener_args) -> None:
+        self.store = JobStore(make_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}"))
+        self.store.create_schema()
+        self.spool = Spool(tmp_path, min_free_bytes=listener_args.pop("min_free_bytes", 0))
+        self.recorded: list[int] = []
+        settings = ListenerSettings(ae_title="DERMPACS", host="127.0.0.1", port=0, **listener_args)
+        self.listener = Listener(
+            settings,
+            intake=IntakeSettings(max_megapixels=1.0),
+            spool=self.spool,
+            store=self.store,
+            model_version=MODEL,
+            on_recorded=self.recorded.append,
+        )
+        self.listener.start()
+
+    def associate(self, contexts, *, calling="CAM1"):
+        ae = AE(ae_title=calling)
+        for sop_class, syntaxes in contexts:
+            ae.add_requested_context(sop_class, syntaxes)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        return ae.associate("127.0.0.1", self.listener.port, ae_title="DERMPACS")
+
+    def send(self, *datasets, syntaxes=(ExplicitVRLittleEndian,), calling="CAM1"):
+        for ds in datasets:
+            if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+                _with_syntax(ds, syntaxes[0])
+        classes = sorted({ds.SOPClassUID for ds in datasets})
+        assoc = self.associate([(c, list(syntaxes)) for c in classes], calling=calling)
+        assert assoc.is_established
+        try:
+            return [assoc.send_c_store(ds) for ds in datasets]
+        finally:
+            assoc.release()
+
+    def spooled(self) -> list[Path]:
+        return sorted(p for p in (self.spool.root).rglob("*.dcm"))
+
+    def close(self) -> None:
+        self.listener.shutdown()
+        self.store.dispose()
+
+
+@pytest.fixture
+def harness(tmp_path):
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+def jpeg_photo():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 16), (190, 120, 100)).save(buffer, format="JPEG", quality=90)
+    ds = photo(16, 32)
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True  # encapsulated (PS3.5 A.4)
+    ds.LossyImageCompression = "01"
+    return ds, buffer.getvalue()
+
+
+def test_c_echo(harness):
+    assoc = harness.associate([(Verification, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_a_jpeg_photo_is_spooled_as_sent_and_recorded_before_success(harness):
+    ds, jpeg = jpeg_photo()
+    assoc = harness.associate([(VL_PHOTOGRAPHIC_IMAGE, [ExplicitVRLittleEndian, JPEGBaseline8Bit])])
+    # the listener chose the compressed syntax although Explicit VR was proposed first
+    (context,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == VL_PHOTOGRAPHIC_IMAGE]
+    assert context.transfer_syntax[0] == JPEGBaseline8Bit
+    status = assoc.send_c_store(_with_syntax(ds, JPEGBaseline8Bit))
+    assoc.release()
+    assert status.Status == 0x0000
+    (spooled,) = harness.spooled()
+    stored = dcmread(spooled)
+    assert stored.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID
+    # the camera's JPEG bytes are kept, not re-encoded
+    assert jpeg in stored.PixelData
+    (job,) = harness.store.list_jobs()
+    assert job.state is JobState.RECEIVED and job.spool_path == str(spooled)
+    assert (job.calling_ae_title, job.transfer_syntax_uid) == ("CAM1", JPEGBaseline8Bit)
+    assert harness.recorded == [job.id]
+
+
+def _with_syntax(ds, syntax):
+    from pydicom.dataset import FileMetaDataset
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def test_dermoscopic_photography_is_accepted(harness):
+    ds = photo()
+    ds.SOPClassUID = DERMOSCOPIC_PHOTOGRAPHY_IMAGE
+    (status,) = harness.send(ds)
+    assert status.Status == 0x0000
+
+
+def test_a_photo_sent_twice_is_one_job_and_one_spool_file(harness):
+    ds = photo()
+    first, second = harness.send(ds, ds)
+    (third,) = harness.send(ds)
+    assert first.Status == second.Status == third.Status == 0x0000
+    assert len(harness.spooled()) == 1
+    assert len(harness.store.list_jobs()) == 1
+    assert len(harness.recorded) == 1
+    assert harness.listener.counters.duplicates == 2
+
+
+def test_concurrent_associations_all_arrive(harness):
+    datasets = [photo() for _ in range(12)]
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def send(chunk):
+        statuses = harness.send(*chunk)
+        with lock:
+            results.extend(s.Status for s in statuses)
+
+    threads = [threading.Thread(target=send, args=(datasets[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [0] * 12
+    assert {j.sop_instance_uid for j in harness.store.list_jobs()} == {
+        d.SOPInstanceUID for d in datasets
+    }
+
+
+def test_short_pixel_data_is_refused_with_c000_and_nothing_kept(harness, caplog):
+    ds = photo(8, 10, pixel_bytes=60)
+    with caplog.at_level(logging.WARNING, logger="dermpacs.intake.listener"):
+        (status,) = harness.send(ds)
+    assert status.Status == 0xC000
+    assert "Pixel Data" in status.ErrorComment
+    assert harness.spooled() == [] and harness.store.list_jobs() == []
+    assert "refused 0xC000" in caplog.text and ds.SOPInstanceUID in caplog.text
+    assert "Doe" not in caplog.text
+
+
+def test_a_photo_above_the_size_limit_is_refused(harness):
+    ds = photo(8, 10)
+    ds.Rows, ds.Columns = 1200, 1000  # 1.2 MP over the harness's 1 MP limit
+    (status,) = harness.send(ds)
+    assert status.Status == 0xC000 and "max_megapixels" in status.ErrorComment
+
+
+def test_a_full_disk_is_refused_with_a700(tmp_path):
+    h = Harness(tmp_path, min_free_bytes=2**62)
+    try:
+        (status,) = h.send(photo())
+        assert status.Status == 0xA700
+        assert h.spooled() == [] and h.store.list_jobs() == []
+    finally:
+        h.close()
+
+
+def test_a_job_store_failure_is_refused_with_a700_and_the_spool_file_removed(harness):
+    def broken(*args, **kwargs):
+        raise RuntimeError("database is gone")
+
+    harness.store.record_received = broken  # type: ignore[method-assign]
+    (status,) = harness.send(photo())
+    assert status.Status == 0xA700
+    assert harness.spooled() == []
+
+
+def test_a_stranger_is_rejected_at_association(tmp_path, caplog):
+    h = Harness(tmp_path, allowed_calling_aets=["CAM1"])
+    try:
+        with caplog.at_level(logging.WARNING, logger="dermpacs.intake.listener"):
+            stranger = h.associate([(Verification, [ExplicitVRLittleEndian])], calling="EVIL")
+            assert stranger.is_rejected
+            known = h.associate([(Verification, [ExplicitVRLittleEndian])], calling="CAM1")
+            assert known.is_established
+            known.release()
+        assert "EVIL" in caplog.text and "allowed_calling_aets" in caplog.text
+    finally:
+        h.close()
+
+
+def test_a_resend_of_a_failed_photo_starts_its_job_again(harness):
+    ds = photo()
+    harness.send(ds)
+    (job,) = harness.store.list_jobs()
+    harness.store.fail(job.id, "test: give up")
+    harness.send(ds)
+    assert harness.store.get(job.id).job.state is JobState.RECEIVED
+    assert harness.recorded == [job.id, job.id]
