@@ -120,7 +120,7 @@ def _check_complete(header: Dataset) -> None:
         raise AdmissionRefused(
             StoreStatus.CANNOT_UNDERSTAND, "file meta information incomplete (truncated)"
         )
-    for tag in header.keys():
+    for tag in header.keys():  # noqa: SIM118 (iterating a Dataset converts raw elements)
         raw = header.get_item(tag)
         if isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH:
             value = raw.value or b""
