@@ -23,7 +23,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dermpacs.analysis import BACKGROUND, LESION, SKIN
+from dermpacs.analysis import BACKGROUND, LESION, SKIN, Crop, PhotoAnalysis, QualityFlag
 
 DCIODVFY = shutil.which("dciodvfy")
 DSRDUMP = shutil.which("dsrdump")
@@ -218,3 +218,61 @@ def make_sources(directory: Path, rows: int = 96, columns: int = 128) -> list[So
         SourcePhoto("secondary-capture", make_secondary_capture(rgb), rgb),
         SourcePhoto("img2dcm-vlp", vlp_dataset, vlp_rgb),
     ]
+
+
+# --- analyses ---------------------------------------------------------------------------
+
+CLASS_NAMES = ("atopic_dermatitis", "mycosis_fungoides", "impetigo", "herpesvirus_infection")
+
+
+def make_analysis(
+    label_map: np.ndarray,
+    *,
+    finding: str = "atopic_dermatitis",
+    crops: tuple[tuple[int, int, int, int], ...] | None = None,
+    whole_image_fallback: bool = False,
+    quality_flags: tuple[QualityFlag, ...] = (),
+    ita_degrees: float | None = 35.25,
+    ita_category: str | None = "intermediate",
+    model_version: str = "0.1.0",
+) -> PhotoAnalysis:
+    """Return a consistent PhotoAnalysis for ``label_map`` (no model involved).
+
+    Fractions are computed from the label map; ``finding`` gets probability 0.61 and the other
+    classes share the rest; crops default to two windows around the lesion.
+    """
+    rows, columns = label_map.shape
+    skin = label_map != BACKGROUND
+    lesion = label_map == LESION
+    if crops is None:
+        crops = (
+            (rows // 4, columns // 4, rows // 4 + rows // 2, columns // 4 + columns // 2),
+            (rows // 5, columns // 3, rows // 5 + rows // 2, columns // 3 + columns // 2),
+        )
+    others = [name for name in CLASS_NAMES if name != finding]
+    probabilities = {finding: 0.61, others[0]: 0.2, others[1]: 0.12, others[2]: 0.07}
+
+    def crop_of(box: tuple[int, int, int, int]) -> Crop:
+        window = (slice(box[0], box[2]), slice(box[1], box[3]))
+        return Crop(
+            box=box,
+            skin_fraction=float(skin[window].mean()),
+            lesion_fraction=float(lesion[window].mean()),
+            probabilities=probabilities,
+        )
+
+    return PhotoAnalysis(
+        label_map=label_map,
+        skin_fraction=float(skin.mean()),
+        lesion_fraction=float(lesion.mean()),
+        lesion_fraction_of_skin=float(lesion.sum() / skin.sum()) if skin.any() else 0.0,
+        crops=tuple(crop_of(box) for box in crops),
+        probabilities=probabilities,
+        finding=finding,
+        atopic_dermatitis_probability=probabilities["atopic_dermatitis"],
+        ita_degrees=ita_degrees,
+        ita_category=ita_category,
+        quality_flags=quality_flags,
+        whole_image_fallback=whole_image_fallback,
+        model_version=model_version,
+    )

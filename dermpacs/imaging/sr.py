@@ -138,7 +138,7 @@ def _check_analysis(
 
 
 def _percent(name: Code, fraction: float) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=round(100.0 * fraction, 4), unit=codes.UNIT_PERCENT)
+    return hd.sr.Measurement(name=name, value=100.0 * fraction, unit=codes.UNIT_PERCENT)
 
 
 class _ReportContext:
@@ -246,7 +246,7 @@ def _measurement_groups(
         photo_measurements.append(
             hd.sr.Measurement(
                 name=codes.INDIVIDUAL_TYPOLOGY_ANGLE,
-                value=round(float(analysis.ita_degrees), 4),
+                value=float(analysis.ita_degrees),
                 unit=codes.UNIT_DEGREE,
             )
         )
@@ -305,7 +305,7 @@ def _measurement_groups(
                 measurements=[
                     hd.sr.Measurement(
                         name=codes.PROBABILITY,
-                        value=round(float(analysis.probabilities[disease.value]), 6),
+                        value=float(analysis.probabilities[disease.value]),
                         unit=codes.UNIT_NONE,
                     )
                 ],

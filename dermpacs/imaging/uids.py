@@ -19,7 +19,7 @@ import uuid
 from enum import StrEnum
 from typing import Final
 
-from pydicom.uid import UID
+from pydicom.uid import RE_VALID_UID, UID
 
 UUID_DERIVED_ROOT: Final = "2.25"
 DERMPACS_UUID_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dermpacs:dicom-uids")
@@ -45,7 +45,7 @@ class UidError(ValueError):
 
 
 def _is_valid_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and UID(value).is_valid
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(RE_VALID_UID.match(value))
 
 
 def derive_uid(
