@@ -18,6 +18,7 @@ from dicomcheck import (
     make_sources,
     synthetic_photo,
 )
+from photos import PHOTO_KINDS, make_photo
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
@@ -355,3 +356,53 @@ def test_every_configured_class_and_category_has_a_code() -> None:
         codes.check_class_names(["atopic_dermatitis", "atopic_dermatitis"])
     with pytest.raises(codes.UnknownCodeError):
         codes.disease_code("eczema")
+
+
+def test_photo_without_skin_gives_valid_objects(sources: dict[str, SourcePhoto]) -> None:
+    source = sources["img2dcm-vlp"]
+    label_map = np.zeros((int(source.dataset.Rows), int(source.dataset.Columns)), np.int64)
+    analysis = make_analysis(
+        label_map,
+        finding="mycosis_fungoides",
+        crops=(),
+        whole_image_fallback=True,
+        quality_flags=(QualityFlag.TOO_LITTLE_SKIN, QualityFlag.NO_QUALIFYING_CROP),
+        ita_degrees=None,
+        ita_category=None,
+    )
+    results = _results(source, analysis)
+    for dataset in results.as_dict().values():
+        assert dciodvfy_errors(dataset) == []
+    report = _read(results.sr).content
+    assert report.get_volumetric_roi_measurement_groups() == []
+    (photo,) = [
+        group
+        for group in report.get_planar_roi_measurement_groups()
+        if group.tracking_identifier == TRACKING_WHOLE_PHOTO
+    ]
+    assert _value(photo, codes.SKIN_AREA_FRACTION) == 0
+    assert set(_evaluations(photo, codes.QUALITY_FLAG)) == {
+        codes.quality_flag_code(QualityFlag.TOO_LITTLE_SKIN),
+        codes.quality_flag_code(QualityFlag.NO_QUALIFYING_CROP),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [kind.name for kind in PHOTO_KINDS])
+def test_results_for_every_accepted_photo_kind_validate(kind: str) -> None:
+    """SEG, SR and overlay of every SOP class and encoding the decoder accepts validate."""
+    dataset, rgb = make_photo(kind, rows=48, columns=64)
+    analysis = make_analysis(synthetic_photo(48, 64)[1])
+    results = build_results(
+        dataset, rgb, analysis, algorithm_version=VERSION, class_names=CLASS_NAMES
+    )
+    for name, output in results.as_dict().items():
+        assert dciodvfy_errors(output) == [], name
+        assert output.StudyInstanceUID == dataset.StudyInstanceUID
+    assert (results.seg.Rows, results.seg.Columns) == (48, 64)
+    references = [
+        item
+        for item in results.seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+        if item.ReferencedSOPInstanceUID == dataset.SOPInstanceUID
+    ]
+    assert references and references[0].ReferencedSOPClassUID == dataset.SOPClassUID

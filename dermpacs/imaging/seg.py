@@ -23,6 +23,7 @@ from typing import Final
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, TM
 
@@ -34,6 +35,7 @@ from dermpacs.imaging.derived import (
     contributing_equipment,
     set_content_datetime,
 )
+from dermpacs.imaging.sopclasses import SECONDARY_CAPTURE_IMAGE
 from dermpacs.imaging.uids import UidKind, derive_uid
 
 SEGMENT_SKIN: Final = 1
@@ -119,6 +121,36 @@ def segment_descriptions(
     ]
 
 
+def _single_frame_header(source: Dataset) -> Dataset:
+    """Return the header highdicom should see for ``source``.
+
+    highdicom treats every instance of a multi-frame IOD as an enhanced image with functional
+    groups. A Multi-frame True Color Secondary Capture (accepted with one frame) has none, so
+    highdicom is shown a single-frame Secondary Capture header with the same UIDs, and the SOP
+    class in the SEG's references is put back afterwards (:func:`_restore_source_class`).
+    """
+    if "NumberOfFrames" not in source or "SharedFunctionalGroupsSequence" in source:
+        return source
+    header = Dataset()
+    for element in source:
+        if element.keyword not in ("PixelData", "NumberOfFrames", "FrameIncrementPointer"):
+            header.add(element)
+    header.SOPClassUID = SECONDARY_CAPTURE_IMAGE
+    return header
+
+
+def _restore_source_class(seg: Dataset, source: Dataset) -> None:
+    """Make every reference to ``source`` in ``seg`` carry the source's real SOP Class UID."""
+
+    def fix(dataset: Dataset, element: DataElement) -> None:
+        if element.VR == "SQ":
+            for item in element.value:
+                if item.get("ReferencedSOPInstanceUID") == source.SOPInstanceUID:
+                    item.ReferencedSOPClassUID = source.SOPClassUID
+
+    seg.walk(fix)
+
+
 def _add_viewer_geometry(seg: hd.seg.Segmentation, source: Dataset) -> None:
     """Fill the empty Shared Functional Groups item with Pixel Measures and Plane Orientation."""
     spacing = source.get("PixelSpacing") or _NOMINAL_PIXEL_SPACING
@@ -188,7 +220,7 @@ def build_segmentation(
     versions = list(software_versions) if software_versions else [algorithm_version]
     try:
         seg = hd.seg.Segmentation(
-            source_images=[source],
+            source_images=[_single_frame_header(source)],
             pixel_array=segment_masks(array)[np.newaxis],
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segment_descriptions(source.SOPInstanceUID, algorithm_version),
@@ -210,6 +242,7 @@ def build_segmentation(
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise ResultBuildError(f"cannot build a SEG for this source: {exc}") from exc
+    _restore_source_class(seg, source)
     seg.PatientOrientation = ""
     _add_viewer_geometry(seg, source)
     if content_datetime is not None:

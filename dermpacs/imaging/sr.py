@@ -150,6 +150,8 @@ class _ReportContext:
         self.algorithm = hd.sr.AlgorithmIdentification(
             name=SOFTWARE_NAME, version=algorithm_version, family=codes.ARTIFICIAL_INTELLIGENCE
         )
+        # No Referenced Frame Number, also for a one-frame Multi-frame True Color SC: the
+        # reference applies to all frames (PS3.3 C.17.3.2.1), and dciodvfy rejects one there.
         self.source_image = hd.sr.SourceImageForRegion(
             referenced_sop_class_uid=source.SOPClassUID,
             referenced_sop_instance_uid=source.SOPInstanceUID,
