@@ -104,6 +104,8 @@ class PeriodicReconciler:
         received_grace: timedelta,
         processing_lease: timedelta,
         dispatch_grace: timedelta,
+        dispatch_lease: timedelta | None = None,
+        queued_grace: timedelta | None = None,
     ) -> None:
         self._store = store
         self._publish_processing = publish_processing
@@ -112,6 +114,8 @@ class PeriodicReconciler:
         self._received_grace = received_grace
         self._processing_lease = processing_lease
         self._dispatch_grace = dispatch_grace
+        self._dispatch_lease = dispatch_lease
+        self._queued_grace = queued_grace
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dermpacs-reconciler", daemon=True)
 
@@ -131,6 +135,8 @@ class PeriodicReconciler:
             received_grace=self._received_grace,
             processing_lease=self._processing_lease,
             dispatch_grace=self._dispatch_grace,
+            dispatch_lease=self._dispatch_lease,
+            queued_grace=self._queued_grace,
         )
 
     def _run(self) -> None:

@@ -79,6 +79,8 @@ def reconcile_stalled(
     received_grace: timedelta,
     processing_lease: timedelta,
     dispatch_grace: timedelta,
+    dispatch_lease: timedelta | None = None,
+    queued_grace: timedelta | None = None,
     now: datetime | None = None,
 ) -> RequeueSummary:
     """Publish jobs that are stuck: the periodic rule.
@@ -92,11 +94,17 @@ def reconcile_stalled(
         ``received`` and published.
     dispatch_grace
         A pending delivery overdue by this much lost its retry message.
+    dispatch_lease
+        A delivery taken for sending and unchanged for this long lost its sender.
+    queued_grace
+        ``queued`` jobs unchanged for this long are published again; None leaves them alone.
 
     Notes
     -----
-    ``queued`` jobs are left alone: the broker holds their message (late acknowledgement
-    redelivers it when a worker dies), and a long backlog is not a fault.
+    With Redis, ``queued`` jobs are best left alone (``queued_grace=None``): the broker holds
+    their message and late acknowledgement redelivers it when a worker dies, and a long
+    backlog is not a fault. The embedded broker removes a message when a worker takes it, so
+    there a job whose worker died before claiming it is found by ``queued_grace``.
     """
     now = now or utc_now()
     summary = RequeueSummary()
@@ -117,7 +125,21 @@ def reconcile_stalled(
     ]
     _publish_all(received + stale, publish_processing, summary.processing, summary.unpublished)
     store.mark_queued(summary.processing, reason="re-published by the reconciler")
-    overdue = store.overdue_dispatch(due_before=now - dispatch_grace)
+    if queued_grace is not None:
+        waiting = [
+            j.id
+            for j in store.list_jobs(
+                states=[JobState.QUEUED], updated_before=now - queued_grace, limit=None
+            )
+        ]
+        republished: list[int] = []
+        _publish_all(waiting, publish_processing, republished, summary.unpublished)
+        store.touch(republished)  # not again before another queued_grace
+        summary.processing.extend(republished)
+    overdue = store.overdue_dispatch(
+        due_before=now - dispatch_grace,
+        sending_before=None if dispatch_lease is None else now - dispatch_lease,
+    )
     _publish_all(overdue, publish_dispatch, summary.dispatch, summary.unpublished)
     if summary.total or summary.unpublished:
         logger.info(

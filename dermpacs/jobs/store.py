@@ -830,14 +830,26 @@ class JobStore:
             newest_first=False,
         )
 
-    def overdue_dispatch(self, *, due_before: datetime) -> list[int]:
-        """Ids of ``results_ready`` jobs with a pending delivery due before ``due_before``."""
+    def overdue_dispatch(
+        self, *, due_before: datetime, sending_before: datetime | None = None
+    ) -> list[int]:
+        """Ids of ``results_ready`` jobs whose dispatch seems to have been lost.
+
+        A pending delivery due before ``due_before``, or (with ``sending_before``) a delivery
+        taken for sending and unchanged since then: its sender died.
+        """
+        overdue = (Delivery.state == DeliveryState.PENDING) & (
+            Delivery.next_attempt_at < due_before
+        )
+        if sending_before is not None:
+            overdue = overdue | (
+                (Delivery.state == DeliveryState.SENDING) & (Delivery.updated_at < sending_before)
+            )
         query = (
             select(Delivery.job_id)
             .join(Job, Job.id == Delivery.job_id)
             .where(Job.state == JobState.RESULTS_READY)
-            .where(Delivery.state == DeliveryState.PENDING)
-            .where(Delivery.next_attempt_at < due_before)
+            .where(overdue)
             .distinct()
         )
         with self._session() as session:

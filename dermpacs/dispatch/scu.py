@@ -1,0 +1,164 @@
+"""C-STORE sender: one association, exactly the presentation contexts the objects need.
+
+Each object is proposed with its own SOP class and the transfer syntax it is stored in (plus
+the two uncompressed little-endian syntaxes when it is uncompressed, which pynetdicom converts
+between), so that a PACS that accepts fewer syntaxes still gets every object it can take.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses that mean the object was stored (PS3.4 B.2.3): success and the warnings
+# "coercion of data elements", "elements discarded", "data set does not match SOP class".
+STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where to send: the called AE title, host and port, and our own (calling) AE title."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "DERMPACS"
+
+
+@dataclass(frozen=True)
+class SenderTimeouts:
+    """Association timeouts in seconds and the largest PDU we receive (0: unlimited)."""
+
+    acse: float = 30.0
+    dimse: float = 120.0
+    network: float = 60.0
+    max_pdu_size: int = 0
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What happened to one object: its C-STORE status, or why it was not sent."""
+
+    sop_instance_uid: str
+    status: int | None
+    error: str | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.status is not None and self.status in STORED_STATUSES
+
+
+def _load(item: Dataset | str | Path) -> Dataset:
+    return item if isinstance(item, Dataset) else dcmread(item)
+
+
+def requested_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
+    """The presentation contexts for ``datasets``: per SOP class, the syntaxes they need."""
+    wanted: dict[str, list[str]] = {}
+    for ds in datasets:
+        syntax = UID(ds.file_meta.TransferSyntaxUID)
+        syntaxes = wanted.setdefault(str(ds.SOPClassUID), [])
+        candidates = [syntax, *_UNCOMPRESSED] if not syntax.is_compressed else [syntax]
+        for candidate in candidates:
+            if str(candidate) not in syntaxes:
+                syntaxes.append(str(candidate))
+    return list(wanted.items())
+
+
+def send_instances(
+    items: Sequence[Dataset | str | Path],
+    peer: PeerAddress,
+    timeouts: SenderTimeouts | None = None,
+) -> list[SendResult]:
+    """Send ``items`` (data sets or DICOM files) over one association.
+
+    Never raises for network trouble: every object gets a :class:`SendResult`, with the
+    status the peer answered, or ``status=None`` and the reason it was not sent.
+
+    Raises
+    ------
+    OSError
+        A file cannot be read (a local problem, not the peer's).
+    """
+    timeouts = timeouts or SenderTimeouts()
+    datasets = [_load(item) for item in items]
+    if not datasets:
+        return []
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = timeouts.dimse
+    ae.network_timeout = timeouts.network
+    ae.maximum_pdu_size = timeouts.max_pdu_size
+    for sop_class, syntaxes in requested_contexts(datasets):
+        ae.add_requested_context(sop_class, syntaxes)
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    except Exception as exc:  # e.g. name resolution
+        reason = f"cannot associate with {where}: {exc}"
+        return [SendResult(str(ds.SOPInstanceUID), None, reason) for ds in datasets]
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted or unreachable"
+        reason = f"association with {where} {why}"
+        return [SendResult(str(ds.SOPInstanceUID), None, reason) for ds in datasets]
+    results: list[SendResult] = []
+    try:
+        for ds in datasets:
+            uid = str(ds.SOPInstanceUID)
+            if not assoc.is_established:
+                results.append(SendResult(uid, None, f"association with {where} was lost"))
+                continue
+            try:
+                response = assoc.send_c_store(ds)
+            except ValueError as exc:  # no accepted context for this class or syntax
+                results.append(SendResult(uid, None, f"{where} does not accept it: {exc}"))
+                continue
+            except Exception as exc:
+                results.append(SendResult(uid, None, f"sending to {where} failed: {exc}"))
+                continue
+            if "Status" not in response:
+                results.append(SendResult(uid, None, f"no response from {where} (timeout)"))
+                continue
+            status = int(response.Status)
+            comment = response.get("ErrorComment")
+            error = None if status in STORED_STATUSES else f"{where} answered 0x{status:04X}"
+            if error and comment:
+                error += f" ({comment})"
+            results.append(SendResult(uid, status, error))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    for result in results:
+        if not result.stored:
+            logger.warning("C-STORE of %s: %s", result.sop_instance_uid, result.error)
+    return results
+
+
+def echo(peer: PeerAddress, timeouts: SenderTimeouts | None = None) -> int | None:
+    """C-ECHO ``peer``; returns the status, or None when it could not be asked."""
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    timeouts = timeouts or SenderTimeouts()
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.acse_timeout = timeouts.acse
+    ae.network_timeout = timeouts.network
+    ae.dimse_timeout = timeouts.dimse
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        return None
+    try:
+        response = assoc.send_c_echo()
+        return int(response.Status) if "Status" in response else None
+    finally:
+        assoc.release()

@@ -1,0 +1,341 @@
+"""The processing stage of a job: spool file -> photograph -> method -> SEG, SR, overlay.
+
+:func:`process_job` is what the Celery task calls. It claims the job in the job store (a lease,
+so two workers never process one job at once), reads the spooled photograph
+(:mod:`dermpacs.imaging.decode`), runs the method (:class:`dermpacs.inference.pipeline.
+Analyser`, loaded once per worker process), builds the result objects
+(:func:`dermpacs.imaging.results.build_results`), writes them under
+``storage.root/results/<job id>/`` and records them with one delivery row per destination and
+object. Output UIDs and content times depend only on the photo, the model version and the
+job's receipt time, so processing a job again writes the same objects.
+
+Errors that the same input would raise again (a photo that cannot be read, results that
+cannot be built) fail the job at once; others (I/O, a model that cannot be loaded, a database
+hiccup) are retried with backoff up to ``queues.inference.max_attempts``.
+
+This module also holds the per-process singletons the worker needs (job store, analyser) and
+:func:`model_version`, which reads the version from the weights' headers without loading
+torch, so that the listener can key jobs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dermpacs.config import ConfigError, Settings
+from dermpacs.jobs.models import JobState, ResultKind
+from dermpacs.jobs.outcome import StageOutcome, backoff_delay
+from dermpacs.jobs.store import ClaimStatus, JobStore, OutputRecord
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from dermpacs.inference.pipeline import Analyser
+
+logger = logging.getLogger(__name__)
+
+RESULTS_DIRNAME = "results"
+# The worker holding a job is given this much beyond the task time limit before another may
+# take it over (the hard time limit has killed the first by then).
+LEASE_MARGIN_SECONDS = 30.0
+# Where the reference weights ship (dermpacs.inference.pipeline.DEFAULT_WEIGHTS_DIR; kept here
+# so that reading the model version does not import torch).
+REFERENCE_WEIGHTS_DIR = Path(__file__).parent / "inference" / "weights"
+SEGMENTATION_WEIGHTS_FILE = "segmentation.safetensors"
+CLASSIFIER_WEIGHTS_FILE = "classifier.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model version, from the weights' headers
+
+
+def weights_paths(settings: Settings) -> tuple[Path, Path]:
+    """The segmentation and classifier weights files the configuration names."""
+    model = settings.model
+    return (
+        Path(model.segmentation_weights or REFERENCE_WEIGHTS_DIR / SEGMENTATION_WEIGHTS_FILE),
+        Path(model.classifier_weights or REFERENCE_WEIGHTS_DIR / CLASSIFIER_WEIGHTS_FILE),
+    )
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    # safetensors layout: u64 little-endian header size, then a JSON header whose
+    # "__metadata__" maps strings to strings.
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        if size > 100_000_000:
+            raise ValueError("header larger than 100 MB")
+        header = json.loads(handle.read(size))
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("__metadata__ is not a mapping")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _file_version(path: Path, key: str) -> str:
+    try:
+        metadata = _safetensors_metadata(path)
+        version = json.loads(metadata["version"])
+        digest = json.loads(metadata["payload_sha256"])
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"model.{key}: no weights file at {path} (train one with `dermpacs train`, "
+            "or set the path in the configuration)"
+        ) from exc
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise ConfigError(f"model.{key}: {path} is not a dermpacs weights file ({exc})") from exc
+    if not isinstance(version, str) or not version or not isinstance(digest, str):
+        raise ConfigError(f"model.{key}: {path} has no version or digest in its metadata")
+    return f"{version}+{digest[:12]}"
+
+
+def model_version(settings: Settings) -> str:
+    """The version the analyser will report (``seg-<v>+<sha12>/cls-<v>+<sha12>``).
+
+    Read from the two weights files' safetensors headers, without loading tensors or torch.
+    With the SOP Instance UID it is the idempotency key of a job.
+
+    Raises
+    ------
+    ConfigError
+        A weights file is missing or is not a dermpacs weights file.
+    """
+    segmentation, classifier = weights_paths(settings)
+    return (
+        f"seg-{_file_version(segmentation, 'segmentation_weights')}"
+        f"/cls-{_file_version(classifier, 'classifier_weights')}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-process singletons: created on first use in each (forked) worker process
+
+_lock = threading.Lock()
+_stores: dict[tuple[int, str], JobStore] = {}
+_analysers: dict[tuple[int, str], Analyser] = {}
+
+
+def shared_job_store(settings: Settings, *, actor: str | None = None) -> JobStore:
+    """This process's job store for ``settings`` (engines are not shared across a fork)."""
+    from dermpacs.jobs.store import database_url
+
+    key = (os.getpid(), str(database_url(settings)))
+    with _lock:
+        store = _stores.get(key)
+        if store is None:
+            store = JobStore.from_settings(
+                settings, actor=actor or f"worker@{os.uname().nodename}:{os.getpid()}"
+            )
+            _stores[key] = store
+        return store
+
+
+def shared_analyser(settings: Settings) -> Analyser:
+    """This process's analyser: both networks loaded once, on the GPU when there is one."""
+    from dermpacs.inference.pipeline import Analyser
+
+    key = (os.getpid(), settings.model.model_dump_json() + settings.crops.model_dump_json())
+    with _lock:
+        analyser = _analysers.get(key)
+        if analyser is None:
+            analyser = Analyser.from_settings(settings)
+            logger.info(
+                "models loaded: %s on %s (pid %d)",
+                analyser.model_version,
+                analyser.device,
+                os.getpid(),
+            )
+            _analysers[key] = analyser
+        return analyser
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing results
+
+
+def results_dir(settings: Settings, job_id: int) -> Path:
+    """Where a job's result objects are written."""
+    return Path(settings.storage.root) / RESULTS_DIRNAME / str(job_id)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_result_objects(objects: dict[str, Dataset], folder: Path) -> list[OutputRecord]:
+    """Write each object durably to ``folder/<kind>.dcm`` (temporary file, fsync, rename)."""
+    from pydicom import dcmwrite
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for kind, dataset in objects.items():
+        target = folder / f"{kind}.dcm"
+        partial = folder / f".{kind}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            with open(partial, "wb") as handle:
+                dcmwrite(handle, dataset, enforce_file_format=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        records.append(
+            OutputRecord(
+                kind=ResultKind(kind),
+                sop_class_uid=str(dataset.SOPClassUID),
+                sop_instance_uid=str(dataset.SOPInstanceUID),
+                series_instance_uid=str(dataset.SeriesInstanceUID),
+                path=str(target),
+            )
+        )
+    _fsync_directory(folder)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """Whether the same input would fail the same way (no point in retrying)."""
+    from dermpacs.imaging.decode import PhotographError
+    from dermpacs.imaging.derived import ResultBuildError
+    from dermpacs.inference.weights import WeightsError
+
+    if isinstance(exc, WeightsError):
+        return False  # a configuration problem: an admin fixes it, retries succeed
+    return isinstance(exc, PhotographError | ResultBuildError | ValueError)
+
+
+def _describe(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    prefix = f"{type(exc).__name__}[{reason}]" if reason is not None else type(exc).__name__
+    return f"{prefix}: {exc}"
+
+
+def build_job_results(
+    job_id: int, spool_path: str, settings: Settings, analyser: Analyser, *, received: Any
+) -> tuple[list[OutputRecord], str]:
+    """Read the spooled photo, run the method, build and write SEG, SR and overlay.
+
+    Returns the written objects and the finding.
+    """
+    from dermpacs.imaging.decode import parse_dicom_file, read_photograph
+    from dermpacs.imaging.results import build_results
+
+    source = parse_dicom_file(spool_path)
+    photo = read_photograph(source, max_megapixels=settings.intake.max_megapixels)
+    analysis = analyser.analyse(photo.rgb)
+    results = build_results(
+        source,
+        photo.rgb,
+        analysis,
+        algorithm_version=analyser.model_version,
+        class_names=settings.model.classes,
+        content_datetime=received,
+    )
+    outputs = write_result_objects(results.as_dict(), results_dir(settings, job_id))
+    return outputs, analysis.finding
+
+
+def process_job(
+    job_id: int,
+    settings: Settings,
+    *,
+    store: JobStore | None = None,
+    analyser: Analyser | None = None,
+) -> StageOutcome:
+    """Run the processing stage for one job.
+
+    Parameters
+    ----------
+    job_id
+        The job.
+    settings
+        The configuration.
+    store, analyser
+        Defaults: this process's shared ones.
+
+    Returns
+    -------
+    StageOutcome
+        ``publish_dispatch`` when results are ready; ``retry_in`` when the job should be
+        tried again (a transient failure, or another worker holds it).
+    """
+    store = store or shared_job_store(settings)
+    policy = settings.queues.inference
+    lease = timedelta(seconds=policy.time_limit + LEASE_MARGIN_SECONDS)
+    claim = store.claim_for_processing(job_id, lease=lease)
+    if claim.status is ClaimStatus.DONE:
+        ready = claim.job.state is JobState.RESULTS_READY
+        return StageOutcome(job_id, claim.job.state, publish_dispatch=ready)
+    if claim.status is ClaimStatus.FAILED:
+        return StageOutcome(job_id, JobState.FAILED)
+    if claim.status is ClaimStatus.BUSY:
+        return StageOutcome(job_id, JobState.PROCESSING, retry_in=claim.retry_after)
+    job = claim.job
+    try:
+        analyser = analyser or shared_analyser(settings)
+        outputs, finding = build_job_results(
+            job_id, job.spool_path, settings, analyser, received=job.created_at
+        )
+    except FileNotFoundError as exc:
+        state = store.record_processing_failure(
+            job_id,
+            f"spool file missing: {exc.filename}",
+            permanent=True,
+            max_attempts=policy.max_attempts,
+        )
+        logger.error("job %d: spool file missing; failed", job_id)
+        return StageOutcome(job_id, state)
+    except Exception as exc:
+        permanent = _is_permanent(exc)
+        state = store.record_processing_failure(
+            job_id, _describe(exc), permanent=permanent, max_attempts=policy.max_attempts
+        )
+        if state is JobState.FAILED:
+            logger.error(
+                "job %d (SOP Instance %s) failed: %s",
+                job_id,
+                job.sop_instance_uid,
+                _describe(exc),
+                exc_info=not permanent,
+            )
+            return StageOutcome(job_id, state)
+        delay = backoff_delay(job.attempts, base=policy.retry_delay, cap=policy.retry_delay_max)
+        logger.warning(
+            "job %d attempt %d failed (%s); retry in %.0f s",
+            job_id,
+            job.attempts,
+            _describe(exc),
+            delay,
+        )
+        return StageOutcome(job_id, state, retry_in=delay)
+    destinations = {d.name: list(d.objects) for d in settings.destinations}
+    state = store.record_results(
+        job_id,
+        outputs,
+        destinations=destinations,
+        finding=finding,
+        model_version=analyser.model_version,
+    )
+    logger.info(
+        "job %d (SOP Instance %s): %s, %d objects written",
+        job_id,
+        job.sop_instance_uid,
+        finding,
+        len(outputs),
+    )
+    return StageOutcome(job_id, state, publish_dispatch=state is JobState.RESULTS_READY)

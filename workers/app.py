@@ -1,0 +1,169 @@
+"""The Celery app, configured from the dermpacs settings.
+
+Queues, routes, time limits and the broker come from the configuration (``[broker]``,
+``[queues.*]``); messages are JSON and carry a job id only. Tasks are acknowledged late and
+rejected when their worker dies, so Redis redelivers them; a worker takes one message at a
+time. With ``broker.url`` empty the embedded broker (a SQLite file under ``storage.root``)
+is used, so that ``dermpacs serve`` needs no Redis.
+
+Call :func:`configure` with the settings before using the app (the ``dermpacs`` commands do).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from kombu import Queue
+
+from dermpacs.config import ConfigError, Settings, load_settings
+from dermpacs.jobs.outcome import StageOutcome
+
+logger = logging.getLogger(__name__)
+
+PROCESS_TASK = "dermpacs.process_job"
+DISPATCH_TASK = "dermpacs.deliver_job"
+EMBEDDED_BROKER_FILE = "broker.sqlite3"
+# Publishing must not hold the listener up when the broker is down: a few quick tries, then
+# the job stays ``received`` and the reconciler publishes it later.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 1.0,
+}
+
+app = Celery("dermpacs", include=["workers.tasks"])
+_settings: Settings | None = None
+
+
+def embedded_broker_url(settings: Settings) -> str:
+    """The SQLite URL of the embedded broker under ``storage.root``."""
+    path = (Path(settings.storage.root) / EMBEDDED_BROKER_FILE).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def uses_embedded_broker(settings: Settings) -> bool:
+    """Whether ``broker.url`` is empty (the embedded broker)."""
+    return not settings.broker.url
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings``.
+
+    Raises
+    ------
+    ConfigError
+        The broker's visibility timeout is not longer than the longest a task can be held
+        (time limit plus the longest retry delay): Redis would then deliver it twice.
+    """
+    inference, dispatch = settings.queues.inference, settings.queues.dispatch
+    if inference.name == dispatch.name:
+        raise ConfigError("queues.dispatch.name: must differ from queues.inference.name")
+    longest_hold = max(q.time_limit + q.retry_delay_max for q in (inference, dispatch))
+    if settings.broker.visibility_timeout <= longest_hold:
+        raise ConfigError(
+            f"broker.visibility_timeout: {settings.broker.visibility_timeout} s must be longer "
+            f"than any task's time_limit + retry_delay_max ({longest_hold:.0f} s)"
+        )
+    config: dict[str, Any] = {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_queues": [Queue(inference.name), Queue(dispatch.name)],
+        "task_default_queue": inference.name,
+        "task_routes": {
+            PROCESS_TASK: {"queue": inference.name},
+            DISPATCH_TASK: {"queue": dispatch.name},
+        },
+        "task_annotations": {
+            PROCESS_TASK: {"time_limit": inference.time_limit},
+            DISPATCH_TASK: {"time_limit": dispatch.time_limit},
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 4.0,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "enable_utc": True,
+    }
+    if uses_embedded_broker(settings):
+        config["broker_url"] = embedded_broker_url(settings)
+        config["broker_transport"] = "workers.embedded:Transport"
+        config["broker_transport_options"] = {}
+    else:
+        config["broker_url"] = settings.broker.url
+        config["broker_transport"] = None
+        config["broker_transport_options"] = {
+            "visibility_timeout": settings.broker.visibility_timeout
+        }
+    return config
+
+
+def configure(settings: Settings) -> Celery:
+    """Configure the app from ``settings`` and remember them for the tasks."""
+    global _settings
+    _settings = settings
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def current_settings() -> Settings:
+    """The settings the app was configured with (loaded from ``$DERMPACS_CONFIG`` if none)."""
+    if _settings is None:
+        configure(load_settings())
+    assert _settings is not None
+    return _settings
+
+
+def publish_processing(job_id: int, *, countdown: float | None = None) -> None:
+    """Put a processing task for ``job_id`` on the inference queue."""
+    settings = current_settings()
+    app.send_task(
+        PROCESS_TASK,
+        args=[int(job_id)],
+        queue=settings.queues.inference.name,
+        countdown=countdown,
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
+    )
+
+
+def publish_dispatch(job_id: int, *, countdown: float | None = None) -> None:
+    """Put a delivery task for ``job_id`` on the dispatch queue."""
+    settings = current_settings()
+    app.send_task(
+        DISPATCH_TASK,
+        args=[int(job_id)],
+        queue=settings.queues.dispatch.name,
+        countdown=countdown,
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
+    )
+
+
+def follow_up(task: Task, outcome: StageOutcome) -> str:
+    """Schedule what a stage asked for: dispatch, or this task again after ``retry_in``."""
+    if outcome.publish_dispatch:
+        publish_dispatch(outcome.job_id)
+    if outcome.retry_in is not None:
+        # A new message with a countdown; this one is acknowledged. The job store, not the
+        # message, counts attempts: the tasks have max_retries=None (no Celery limit).
+        raise task.retry(countdown=outcome.retry_in)
+    return outcome.state.value
+
+
+def worker_hostname(queues: list[str]) -> str:
+    """A node name that says which queues the worker takes."""
+    return f"dermpacs-{'-'.join(queues)}-{os.getpid()}@%h"

@@ -1,0 +1,24 @@
+"""The Celery tasks: thin wrappers over the stages. Messages carry a job id, nothing else."""
+
+from __future__ import annotations
+
+from celery import Task
+
+from dermpacs import processing
+from dermpacs.dispatch.outbox import deliver_job as deliver_job_stage
+from workers.app import DISPATCH_TASK, PROCESS_TASK, app, current_settings, follow_up
+
+
+@app.task(name=PROCESS_TASK, bind=True, max_retries=None)
+def process_job(self: Task, job_id: int) -> str:
+    """Read, analyse and write the results of one job, then publish its delivery."""
+    settings = current_settings()
+    return follow_up(self, processing.process_job(job_id, settings))
+
+
+@app.task(name=DISPATCH_TASK, bind=True, max_retries=None)
+def deliver_job(self: Task, job_id: int) -> str:
+    """Send one job's due result objects to its destinations; retry what failed later."""
+    settings = current_settings()
+    store = processing.shared_job_store(settings)
+    return follow_up(self, deliver_job_stage(job_id, settings, store))
