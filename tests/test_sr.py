@@ -16,6 +16,8 @@ from dicomcheck import (
     dsrdump,
     make_analysis,
     make_sources,
+    make_vl_photographic,
+    roundtrip,
     synthetic_photo,
 )
 from photos import PHOTO_KINDS, make_photo
@@ -406,3 +408,27 @@ def test_results_for_every_accepted_photo_kind_validate(kind: str) -> None:
         if item.ReferencedSOPInstanceUID == dataset.SOPInstanceUID
     ]
     assert references and references[0].ReferencedSOPClassUID == dataset.SOPClassUID
+
+
+@pytest.mark.parametrize(
+    ("character_set", "patient_name"),
+    [
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),  # as Japanese systems write it
+        ("ISO_IR 192", "山田^太郎"),
+        ("ISO_IR 100", "Müller^Jörg"),
+    ],
+)
+def test_patient_names_keep_their_characters(
+    character_set: str | list[str], patient_name: str
+) -> None:
+    rgb, label_map = synthetic_photo()
+    photo = make_vl_photographic(rgb)
+    photo.SpecificCharacterSet = character_set
+    photo.PatientName = patient_name
+    photo = roundtrip(photo)
+    results = build_results(
+        photo, rgb, make_analysis(label_map), algorithm_version=VERSION, class_names=CLASS_NAMES
+    )
+    for name, output in results.as_dict().items():
+        assert str(roundtrip(output).PatientName) == patient_name, name
+        assert dciodvfy_errors(output) == [], name

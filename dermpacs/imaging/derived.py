@@ -14,6 +14,7 @@ from typing import Final
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, TM
 
 from dermpacs.imaging import codes
@@ -48,6 +49,28 @@ def contributing_equipment(
     )
 
 
+def source_header(source: Dataset) -> Dataset:
+    """Return the source's header (no pixel data) as the builders should copy it.
+
+    Patient and study attributes are copied from the source into every result, in the source's
+    character set. Japanese systems write Specific Character Set ``\\ISO 2022 IR 87`` (first
+    value empty: the default repertoire); highdicom refuses the empty value, so it is written
+    out as ``ISO 2022 IR 6``, its meaning (PS3.3 C.12.1.1.2, PS3.5 6.1.2.5.3).
+    """
+    header = Dataset()
+    for element in source:
+        if element.keyword != "PixelData":
+            header.add(element)
+    if hasattr(source, "file_meta"):
+        header.file_meta = source.file_meta
+    character_sets = source.get("SpecificCharacterSet")
+    if isinstance(character_sets, list | MultiValue) and len(character_sets) > 1:
+        header.SpecificCharacterSet = [value or "ISO 2022 IR 6" for value in character_sets]
+    elif character_sets == "":
+        del header.SpecificCharacterSet  # empty: the default repertoire
+    return header
+
+
 def set_content_datetime(dataset: Dataset, when: datetime) -> None:
     """Write ``when`` as Content Date/Time and Instance Creation Date/Time of ``dataset``.
 
@@ -59,4 +82,10 @@ def set_content_datetime(dataset: Dataset, when: datetime) -> None:
     dataset.InstanceCreationTime = TM(when.time())
 
 
-__all__ = ["SOFTWARE_NAME", "ResultBuildError", "contributing_equipment", "set_content_datetime"]
+__all__ = [
+    "SOFTWARE_NAME",
+    "ResultBuildError",
+    "contributing_equipment",
+    "set_content_datetime",
+    "source_header",
+]

@@ -32,6 +32,7 @@ from dermpacs.imaging.derived import (
     ResultBuildError,
     contributing_equipment,
     set_content_datetime,
+    source_header,
 )
 from dermpacs.imaging.seg import LESION_DISPLAY_RGB, SKIN_DISPLAY_RGB
 from dermpacs.imaging.sopclasses import LOSSY_TRANSFER_SYNTAXES
@@ -235,7 +236,7 @@ def build_overlay(
     versions = list(software_versions) if software_versions else [algorithm_version]
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
+            ref_dataset=source_header(source),
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,

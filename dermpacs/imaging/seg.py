@@ -34,6 +34,7 @@ from dermpacs.imaging.derived import (
     ResultBuildError,
     contributing_equipment,
     set_content_datetime,
+    source_header,
 )
 from dermpacs.imaging.sopclasses import SECONDARY_CAPTURE_IMAGE
 from dermpacs.imaging.uids import UidKind, derive_uid
@@ -122,20 +123,19 @@ def segment_descriptions(
 
 
 def _single_frame_header(source: Dataset) -> Dataset:
-    """Return the header highdicom should see for ``source``.
+    """Return the header highdicom should see for ``source`` (see :func:`source_header`).
 
     highdicom treats every instance of a multi-frame IOD as an enhanced image with functional
     groups. A Multi-frame True Color Secondary Capture (accepted with one frame) has none, so
     highdicom is shown a single-frame Secondary Capture header with the same UIDs, and the SOP
     class in the SEG's references is put back afterwards (:func:`_restore_source_class`).
     """
-    if "NumberOfFrames" not in source or "SharedFunctionalGroupsSequence" in source:
-        return source
-    header = Dataset()
-    for element in source:
-        if element.keyword not in ("PixelData", "NumberOfFrames", "FrameIncrementPointer"):
-            header.add(element)
-    header.SOPClassUID = SECONDARY_CAPTURE_IMAGE
+    header = source_header(source)
+    if "NumberOfFrames" in header and "SharedFunctionalGroupsSequence" not in header:
+        for keyword in ("NumberOfFrames", "FrameIncrementPointer"):
+            if keyword in header:
+                delattr(header, keyword)
+        header.SOPClassUID = SECONDARY_CAPTURE_IMAGE
     return header
 
 

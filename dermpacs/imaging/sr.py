@@ -43,6 +43,7 @@ from dermpacs.imaging.derived import (
     ResultBuildError,
     contributing_equipment,
     set_content_datetime,
+    source_header,
 )
 from dermpacs.imaging.seg import SEGMENT_LESION, SEGMENT_SKIN, segment_masks
 from dermpacs.imaging.uids import UidKind, derive_uid
@@ -428,7 +429,7 @@ def build_report(
     versions = list(software_versions) if software_versions else [algorithm_version]
     try:
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[source, seg_dataset],
+            evidence=[source_header(source), seg_dataset],
             content=report,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
