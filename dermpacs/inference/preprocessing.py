@@ -95,7 +95,9 @@ def to_input_batch(
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     for index, photo in enumerate(photos):
-        pixels = torch.from_numpy(np.ascontiguousarray(photo)).permute(2, 0, 1).float() / 255.0
+        # np.require copies only read-only arrays (PIL's), which torch will not wrap
+        writable = np.require(photo, np.uint8, ["C", "W"])
+        pixels = torch.from_numpy(writable).permute(2, 0, 1).float() / 255.0
         h, w = photo.shape[:2]
         batch[index, :, :h, :w] = (pixels - mean_t) / std_t
     return batch
@@ -105,9 +107,8 @@ def to_crop_batch(
     crops: np.ndarray | Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """Normalise square crops ``(N, S, S, 3)`` uint8 into a ``(N, 3, S, S)`` float tensor."""
-    array = np.ascontiguousarray(
-        np.stack(list(crops)) if not isinstance(crops, np.ndarray) else crops
-    )
+    stacked = crops if isinstance(crops, np.ndarray) else np.stack(list(crops))
+    array = np.require(stacked, np.uint8, ["C", "W"])
     if array.ndim != 4 or array.shape[3] != 3:
         raise PhotoError(f"crops must have shape (N, S, S, 3), got {array.shape}")
     pixels = torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255.0

@@ -1,0 +1,282 @@
+"""The pipeline's plumbing, with small networks whose weights are random or set by hand.
+
+None of these networks is trained: they test that photos flow through the stages, that the
+numbers reported agree with the label map, that flags and fallbacks follow from the mask, and
+that weights files are checked against the configuration. Skill is tested separately, on the
+shipped reference weights, when they exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dermpacs.analysis import BACKGROUND, LESION, SKIN, QualityFlag
+from dermpacs.config import Settings
+from dermpacs.inference.networks import DeepLabV3Plus, build_classifier
+from dermpacs.inference.pipeline import (
+    DEFAULT_WEIGHTS_DIR,
+    Analyser,
+    PhotoError,
+    WeightsError,
+    argmax_channels,
+    labels_at_shape,
+    resolve_device,
+)
+from dermpacs.inference.skintone import srgb_to_lab
+from dermpacs.inference.weights import SEGMENTATION_CLASSES, WeightsMetadata, save_weights
+
+CLASSES = ["atopic_dermatitis", "mycosis_fungoides", "impetigo", "herpesvirus_infection"]
+LONG_SIDE = 128
+CROP_SIZE = 32
+
+
+def _segmentation(constant_label: int | None) -> DeepLabV3Plus:
+    """Random weights; with ``constant_label`` the last layer answers that label everywhere."""
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    if constant_label is not None:
+        conv = model.classifier.conv  # type: ignore[union-attr]
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.bias[constant_label] = 5.0
+    return model.eval()
+
+
+def _write_models(tmp_path: Path, constant_label: int | None) -> Settings:
+    seg_path = tmp_path / f"seg-{constant_label}.safetensors"
+    cls_path = tmp_path / "cls.safetensors"
+    provenance = {"data": "none: random initialisation, plumbing test"}
+    save_weights(
+        _segmentation(constant_label),
+        seg_path,
+        WeightsMetadata(
+            kind="segmentation",
+            classes=SEGMENTATION_CLASSES,
+            input_size=LONG_SIDE,
+            version="0.0.0-plumbing",
+            provenance=provenance,
+        ),
+    )
+    torch.manual_seed(1)
+    save_weights(
+        build_classifier(len(CLASSES), widths=(8, 8, 16, 16)).eval(),
+        cls_path,
+        WeightsMetadata(
+            kind="classifier",
+            classes=tuple(CLASSES),
+            input_size=CROP_SIZE,
+            version="0.0.0-plumbing",
+            provenance=provenance,
+        ),
+    )
+    return Settings.model_validate(
+        {
+            "model": {
+                "segmentation_weights": str(seg_path),
+                "classifier_weights": str(cls_path),
+                "device": "cpu",
+                "long_side": LONG_SIDE,
+                "classes": CLASSES,
+            }
+        }
+    )
+
+
+def _photo(rows: int = 150, columns: int = 200, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    photo = np.empty((rows, columns, 3), dtype=np.uint8)
+    photo[:] = (200, 150, 125)
+    photo += rng.integers(0, 20, size=photo.shape, dtype=np.uint8)
+    return photo
+
+
+def test_random_network_plumbing(tmp_path: Path) -> None:
+    analyser = Analyser.from_settings(_write_models(tmp_path, None))
+    assert analyser.device == torch.device("cpu")
+    assert analyser.long_side == LONG_SIDE and analyser.crop_size == CROP_SIZE
+    seg, cls = analyser.segmentation_metadata, analyser.classifier_metadata
+    assert analyser.model_version == (
+        f"seg-0.0.0-plumbing+{seg.payload_sha256[:12]}/cls-0.0.0-plumbing+{cls.payload_sha256[:12]}"
+    )
+    result = analyser.analyse(_photo(150, 200))
+    assert result.label_map.shape == (150, 200) and result.label_map.dtype == np.uint8
+    assert set(np.unique(result.label_map)) <= {BACKGROUND, SKIN, LESION}
+    labels = result.label_map
+    assert result.skin_fraction == pytest.approx(np.mean(labels != BACKGROUND))
+    assert result.lesion_fraction == pytest.approx(np.mean(labels == LESION))
+    assert sum(result.probabilities.values()) == pytest.approx(1.0)
+    assert list(result.probabilities) == CLASSES
+    assert result.finding == max(result.probabilities, key=result.probabilities.__getitem__)
+    assert result.atopic_dermatitis_probability == result.probabilities["atopic_dermatitis"]
+    assert result.model_version == analyser.model_version
+    for stage in (
+        "resize",
+        "segmentation",
+        "mask",
+        "crops",
+        "classification",
+        "skin_tone",
+        "quality",
+        "total",
+    ):
+        assert result.timings_ms[stage] >= 0.0
+
+
+def test_all_lesion_gives_crops_whose_mean_is_the_result(tmp_path: Path) -> None:
+    analyser = Analyser.from_settings(_write_models(tmp_path, LESION))
+    photo = _photo(300, 400)
+    result = analyser.analyse(photo)
+    assert np.all(result.label_map == LESION)
+    assert result.skin_fraction == 1.0 and result.lesion_fraction == 1.0
+    assert result.lesion_fraction_of_skin == 1.0
+    assert 1 <= len(result.crops) <= analyser.crop_settings.max_crops
+    assert not result.whole_image_fallback
+    assert QualityFlag.NO_QUALIFYING_CROP not in result.quality_flags
+    for crop in result.crops:
+        r0, c0, r1, c1 = crop.box
+        assert 0 <= r0 < r1 <= 300 and 0 <= c0 < c1 <= 400
+        assert crop.skin_fraction == 1.0 and crop.lesion_fraction == 1.0
+        assert sum(crop.probabilities.values()) == pytest.approx(1.0)
+    for name in CLASSES:
+        mean = np.mean([c.probabilities[name] for c in result.crops])
+        assert result.probabilities[name] == pytest.approx(mean)
+    # No unaffected skin: no skin tone is claimed.
+    assert result.ita_degrees is None and result.ita_category is None
+
+
+def test_all_skin_falls_back_to_the_whole_photo(tmp_path: Path) -> None:
+    analyser = Analyser.from_settings(_write_models(tmp_path, SKIN))
+    photo = np.empty((120, 160, 3), dtype=np.uint8)
+    photo[:] = (180, 120, 90)
+    result = analyser.analyse(photo)
+    assert result.crops == ()
+    assert result.whole_image_fallback
+    assert QualityFlag.NO_QUALIFYING_CROP in result.quality_flags
+    assert QualityFlag.TOO_LITTLE_SKIN not in result.quality_flags
+    assert QualityFlag.BLUR in result.quality_flags  # a flat photo has no edges at all
+    assert sum(result.probabilities.values()) == pytest.approx(1.0)
+    lab = srgb_to_lab(np.array((180, 120, 90), dtype=np.uint8))
+    assert result.ita_degrees == pytest.approx(np.degrees(np.arctan((lab[0] - 50) / lab[2])))
+    assert result.ita_category == "tan"
+
+
+def test_no_skin_is_flagged(tmp_path: Path) -> None:
+    analyser = Analyser.from_settings(_write_models(tmp_path, BACKGROUND))
+    result = analyser.analyse(_photo())
+    assert result.skin_fraction == 0.0 and result.lesion_fraction_of_skin == 0.0
+    assert result.quality_flags[:2] == (QualityFlag.TOO_LITTLE_SKIN, QualityFlag.NO_QUALIFYING_CROP)
+    assert result.ita_degrees is None
+
+
+def test_batch_equals_one_by_one(tmp_path: Path) -> None:
+    analyser = Analyser.from_settings(_write_models(tmp_path, None))
+    photos = [_photo(150, 200, 0), _photo(200, 150, 1), _photo(150, 200, 2)]
+    together = analyser.analyse_batch(photos)
+    assert len(together) == 3
+    for photo, batched in zip(photos, together, strict=True):
+        alone = analyser.analyse(photo)
+        assert batched.label_map.shape == photo.shape[:2]
+        assert np.mean(batched.label_map != alone.label_map) < 1e-3
+        for name in CLASSES:
+            assert batched.probabilities[name] == pytest.approx(alone.probabilities[name], abs=1e-4)
+    assert analyser.analyse_batch([]) == []
+
+
+def test_reduced_decode_maps_to_source_pixels(tmp_path: Path) -> None:
+    analyser = Analyser.from_settings(_write_models(tmp_path, LESION))
+    result = analyser.analyse(_photo(150, 200), source_shape=(600, 800))
+    assert result.label_map.shape == (600, 800)
+    assert result.crops
+    for crop in result.crops:
+        r0, c0, r1, c1 = crop.box
+        assert 0 <= r0 < r1 <= 600 and 0 <= c0 < c1 <= 800
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((10, 10), dtype=np.uint8), np.zeros((10, 10, 3), dtype=np.float32), [[1, 2, 3]]],
+)
+def test_bad_input_is_refused(tmp_path: Path, bad: object) -> None:
+    analyser = Analyser.from_settings(_write_models(tmp_path, None))
+    with pytest.raises(PhotoError):
+        analyser.analyse(bad)  # type: ignore[arg-type]
+
+
+def test_weights_that_do_not_match_the_configuration(tmp_path: Path) -> None:
+    settings = _write_models(tmp_path, None)
+    other_classes = settings.model_copy(deep=True)
+    other_classes.model.classes = ["atopic_dermatitis", "psoriasis", "impetigo", "herpes"]
+    with pytest.raises(WeightsError, match="classes"):
+        Analyser.from_settings(other_classes)
+    other_size = settings.model_copy(deep=True)
+    other_size.model.long_side = 256
+    with pytest.raises(WeightsError, match="input_size"):
+        Analyser.from_settings(other_size)
+    swapped = settings.model_copy(deep=True)
+    swapped.model.segmentation_weights = settings.model.classifier_weights
+    with pytest.raises(WeightsError, match="kind"):
+        Analyser.from_settings(swapped)
+    missing = settings.model_copy(deep=True)
+    missing.model.classifier_weights = str(tmp_path / "nowhere.safetensors")
+    with pytest.raises(WeightsError, match="classifier_weights"):
+        Analyser.from_settings(missing)
+
+
+def test_device_names() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda"}
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda:0")
+
+
+def test_mask_upsampling() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(3, 37, 50)
+    assert np.array_equal(argmax_channels(logits).numpy(), logits.argmax(0).numpy())
+    ties = torch.zeros(3, 4, 4)
+    assert not argmax_channels(ties).any()  # the first channel wins ties, as argmax does
+    assert np.array_equal(labels_at_shape(logits, (37, 50)), logits.argmax(0).numpy())
+    # Up to the bilinear limit: exactly the argmax of bilinearly upsampled logits.
+    shape = (300, 400)
+    full = F.interpolate(logits[None], size=shape, mode="bilinear", align_corners=False)[0]
+    assert np.array_equal(labels_at_shape(logits, shape), full.argmax(0).numpy())
+    # Beyond it: the same labels enlarged, boundary steps of at most 4 pixels here.
+    large = labels_at_shape(logits, (1200, 1600), max_bilinear_side=400)
+    assert large.shape == (1200, 1600)
+    assert np.array_equal(large[1::4, 1::4], full.argmax(0).numpy())
+
+
+SHIPPED = DEFAULT_WEIGHTS_DIR / "segmentation.safetensors"
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="reference weights not trained yet")
+def test_shipped_weights_segment_a_synthetic_photo() -> None:
+    """The reference weights (trained on synthetic photos) find skin and lesion in a new one."""
+    from dermpacs.training.synth import generate_photo
+
+    analyser = Analyser.from_settings(Settings())
+    dice_skin, dice_lesion = [], []
+    for index in range(4):
+        photo = generate_photo(seed=987_654, index=index, long_side=640)
+        result = analyser.analyse(photo.image)
+        truth_skin = photo.mask != BACKGROUND
+        found_skin = result.label_map != BACKGROUND
+        truth_lesion = photo.mask == LESION
+        found_lesion = result.label_map == LESION
+        dice_skin.append(
+            2 * (truth_skin & found_skin).sum() / (truth_skin.sum() + found_skin.sum())
+        )
+        dice_lesion.append(
+            2 * (truth_lesion & found_lesion).sum() / (truth_lesion.sum() + found_lesion.sum() + 1)
+        )
+    assert np.mean(dice_skin) > 0.85
+    assert np.mean(dice_lesion) > 0.6
