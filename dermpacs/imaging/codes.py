@@ -182,8 +182,6 @@ LESION_AREA_FRACTION: Final = _private("LESIONFRAC", "Lesion area fraction of re
 LESION_FRACTION_OF_SKIN: Final = _private("LESIONOFSKIN", "Lesion area fraction of skin")
 QUALIFYING_CROP_COUNT: Final = _private("NCROPS", "Number of qualifying crops")
 QUALIFYING_CROP: Final = _private("CROP", "Qualifying crop")
-ANALYSED_REGION: Final = _private("ANALYSED", "Region classified")
-WHOLE_PHOTO: Final = _private("PHOTO", "Whole photograph")
 WHOLE_PHOTO_FALLBACK: Final = _private("FALLBACK", "Classified from whole photograph")
 ATOPIC_DERMATITIS_VS_OTHERS: Final = _private("ADVSOTHERS", "Atopic dermatitis versus others")
 NOT_ATOPIC_DERMATITIS: Final = _private("NOTAD", "Other than atopic dermatitis")
@@ -238,7 +236,6 @@ def quality_flag_code(flag: QualityFlag) -> Code:
 
 
 __all__ = [
-    "ANALYSED_REGION",
     "ARTIFICIAL_INTELLIGENCE",
     "ATOPIC_DERMATITIS_VS_OTHERS",
     "DERMPACS_SCHEME",
@@ -262,7 +259,6 @@ __all__ = [
     "UNIT_DEGREE",
     "UNIT_NONE",
     "UNIT_PERCENT",
-    "WHOLE_PHOTO",
     "WHOLE_PHOTO_FALLBACK",
     "YES",
     "DiseaseClass",
