@@ -362,6 +362,13 @@ def reference_decode(codestream: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def _charls_decode(codestream: bytes) -> np.ndarray:
+    """Decode JPEG-LS with CharLS (pyjpegls): a reference independent of libjpeg's JPEG-LS."""
+    import jpeg_ls
+
+    return np.asarray(jpeg_ls.decode(np.frombuffer(codestream, dtype=np.uint8)))
+
+
 def require_tool(name: str) -> str:
     """The path of a command-line tool; skips the test where it is not installed."""
     path = shutil.which(name)
@@ -432,7 +439,9 @@ class PhotoKind:
 
     ``build(rgb, uid_seed)`` returns ``(dataset, expected_rgb)``: the data set as received
     and the RGB a correct decoder returns, equal within ``tolerance`` (the largest absolute
-    difference of any sample; 0 for lossless kinds).
+    difference of any sample; 0 for lossless kinds). For lossy kinds the expected RGB is
+    an independent decoding of the same codestream (pillow), so the tolerance covers only
+    differences between decoder builds, and the mean difference stays below one level.
     """
 
     name: str
@@ -640,6 +649,8 @@ def _pydicom_compressed(
             ds.LossyImageCompression = "01"
             if syntax in (JPEG2000, HTJ2K):
                 expected = reference_decode(_first_fragment(ds))
+            elif syntax == JPEGLSNearLossless:
+                expected = _charls_decode(_first_fragment(ds))
         return _reread(dicom_bytes(ds)), expected
 
     return build
@@ -794,7 +805,7 @@ PHOTO_KINDS: tuple[PhotoKind, ...] = (
         VL_PHOTOGRAPHIC,
         JPEGBaseline8Bit,
         "YBR_FULL_422",
-        4,  # IDCT and upsampling differ slightly between libjpeg builds
+        8,  # libjpeg 9 and libjpeg-turbo upsample chroma differently at colour edges
         _pillow_jpeg(VL_PHOTOGRAPHIC, "YBR_FULL_422", subsampling=1),
     ),
     PhotoKind(
@@ -802,7 +813,7 @@ PHOTO_KINDS: tuple[PhotoKind, ...] = (
         VL_PHOTOGRAPHIC,
         JPEGBaseline8Bit,
         "YBR_FULL_422",
-        4,
+        8,
         _pillow_jpeg(VL_PHOTOGRAPHIC, "YBR_FULL_422", subsampling=2),
     ),
     PhotoKind(
@@ -810,7 +821,7 @@ PHOTO_KINDS: tuple[PhotoKind, ...] = (
         DERMOSCOPIC_PHOTOGRAPHY,
         JPEGBaseline8Bit,
         "YBR_FULL",
-        4,
+        8,
         _pillow_jpeg(DERMOSCOPIC_PHOTOGRAPHY, "YBR_FULL", subsampling=0),
     ),
     PhotoKind(
@@ -818,7 +829,7 @@ PHOTO_KINDS: tuple[PhotoKind, ...] = (
         SECONDARY_CAPTURE,
         JPEGBaseline8Bit,
         "RGB",
-        4,
+        8,
         _pillow_jpeg(SECONDARY_CAPTURE, "RGB", keep_rgb=True),
     ),
     PhotoKind(
@@ -826,7 +837,7 @@ PHOTO_KINDS: tuple[PhotoKind, ...] = (
         VL_PHOTOGRAPHIC,
         JPEGBaseline8Bit,
         "YBR_FULL_422",
-        4,
+        8,
         _img2dcm,
     ),
     # JPEG written by dcmtk
@@ -835,7 +846,7 @@ PHOTO_KINDS: tuple[PhotoKind, ...] = (
         VL_PHOTOGRAPHIC,
         JPEGExtended12Bit,
         "YBR_FULL_422",
-        4,
+        8,
         _dcmcjpeg_rgb("+ee"),
     ),
     PhotoKind(
@@ -885,7 +896,7 @@ PHOTO_KINDS: tuple[PhotoKind, ...] = (
         VL_PHOTOGRAPHIC,
         JPEGLSNearLossless,
         "RGB",
-        2,  # NEAR = 2 bounds every sample's error (ISO 14495-1)
+        0,  # the same codestream decoded by CharLS; NEAR = 2 bounds the loss itself
         _pydicom_compressed(JPEGLSNearLossless, "RGB", lossy=True, jls_error=2),
     ),
     PhotoKind(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import struct
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -41,6 +40,7 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_color_lut, convert_color_space
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
@@ -55,6 +55,7 @@ from dermpacs.imaging.sopclasses import (
     LOSSY_TRANSFER_SYNTAXES,
     MULTIFRAME_TRUE_COLOR_SC_IMAGE,
     PHOTO_SOP_CLASSES,
+    decoding_plugins,
 )
 
 DEFAULT_MAX_MEGAPIXELS: Final = 60.0
@@ -271,11 +272,7 @@ def parse_dicom_file(data: bytes | bytearray | memoryview | str | os.PathLike[st
     """
     raw = Path(data).read_bytes() if isinstance(data, str | os.PathLike) else bytes(data)
     try:
-        with warnings.catch_warnings():
-            # pydicom warns about every odd value of a camera's header; what matters here
-            # is whether the object can be read, which the checks below decide.
-            warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(BytesIO(raw), force=False)
+        dataset = pydicom.dcmread(BytesIO(raw), force=False)
     except MemoryError:
         raise
     except Exception as exc:  # pydicom raises many types for broken input
@@ -284,6 +281,7 @@ def parse_dicom_file(data: bytes | bytearray | memoryview | str | os.PathLike[st
             f"The data is not a readable DICOM file ({_describe(exc)}).",
         ) from exc
     _check_complete(dataset)
+    _check_fully_read(dataset, len(raw))
     if len(dataset) == 0:
         raise PhotographError(
             RefusalReason.UNPARSEABLE,
@@ -498,6 +496,29 @@ def _check_complete(dataset: Dataset) -> None:
             )
 
 
+def _check_fully_read(dataset: Dataset, size: int) -> None:
+    """Refuse a file that ends inside an element header, where pydicom stops without a word."""
+    file_meta = getattr(dataset, "file_meta", None)
+    syntax = _uid(file_meta, "TransferSyntaxUID") if isinstance(file_meta, Dataset) else None
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return  # positions are in the inflated stream; zlib reports a cut-off stream itself
+    end = 0
+    for tag in list(dataset.keys()):
+        element = dataset.get_item(tag)
+        if not isinstance(element, RawDataElement) or element.value_tell is None:
+            continue
+        length = len(element.value) if element.value is not None else 0
+        if element.length == _UNDEFINED_LENGTH:
+            length += 8  # the Sequence Delimitation Item (PS3.5 7.5)
+        end = max(end, element.value_tell + length)
+    if 0 < end < size:
+        raise PhotographError(
+            RefusalReason.UNPARSEABLE,
+            f"The file ends inside an element header after byte {end} of {size}: it was cut "
+            "short or has trailing bytes that are not DICOM.",
+        )
+
+
 def _read_every_element(dataset: Dataset) -> None:
     """Convert every element once, so that a broken value shows now and as UNPARSEABLE."""
     for current in (getattr(dataset, "file_meta", None), dataset):
@@ -519,8 +540,10 @@ def _read_every_element(dataset: Dataset) -> None:
 
 def _value(dataset: Dataset, keyword: str) -> Any:
     """The value of a top-level attribute, ``None`` when absent or empty."""
+    if keyword not in dataset:
+        return None
     try:
-        element = dataset[keyword] if keyword in dataset else None
+        element = dataset[keyword]  # the element, not its value: empty values are checked
     except MemoryError:
         raise
     except Exception as exc:
@@ -528,7 +551,7 @@ def _value(dataset: Dataset, keyword: str) -> Any:
             RefusalReason.UNPARSEABLE,
             f"The value of {_spaced(keyword)} cannot be read ({_describe(exc)}).",
         ) from exc
-    if element is None or element.is_empty:
+    if element.is_empty:
         return None
     return element.value
 
@@ -768,17 +791,20 @@ def _frames(pixel_data: bytes) -> Iterator[bytes]:
 
 
 def _check_codestream(frame: bytes, header: PhotographHeader) -> None:
-    """Compare the dimensions inside a codestream with Rows, Columns and Samples per Pixel.
+    """Compare a codestream's own header with the data set's, and require its end marker.
 
     Decoders size their output from the codestream, so a 100 x 100 header over a
-    60000 x 60000 JPEG would otherwise allocate gigabytes before anything notices.
+    60000 x 60000 JPEG would otherwise allocate gigabytes before anything notices. JPEG
+    decoders also return a picture, part grey, from a codestream that was cut short; the
+    end-of-image marker after the first scan tells a complete one (ISO 10918-1 B.2.1,
+    ISO 14495-1, ISO 15444-1 A.4.4).
     """
     syntax = UID(header.transfer_syntax_uid)
     if syntax in _JPEG_FAMILY:
-        found = _jpeg_frame_size(frame)
+        found = _jpeg_layout(frame)
         kind = "JPEG-LS" if syntax in JPEGLSTransferSyntaxes else "JPEG"
     elif syntax in _J2K_FAMILY:
-        found = _j2k_frame_size(frame)
+        found = _j2k_layout(frame)
         kind = "JPEG 2000"
     elif syntax == RLELossless:
         _check_rle_header(frame, header)
@@ -788,29 +814,49 @@ def _check_codestream(frame: bytes, header: PhotographHeader) -> None:
     if found is None:
         raise PhotographError(
             RefusalReason.CORRUPT_PIXEL_DATA,
-            f"The pixel data does not start with a {kind} codestream header.",
+            f"The pixel data does not start with a readable {kind} codestream header.",
         )
-    rows, columns, components = found
     # A JPEG height of 0 is defined later by a DNL marker (ISO 10918-1 B.2.5): not checkable.
     if (
-        (rows != header.rows and rows != 0)
-        or columns != header.columns
-        or components != header.samples_per_pixel
+        (found.rows != header.rows and found.rows != 0)
+        or found.columns != header.columns
+        or found.components != header.samples_per_pixel
     ):
         raise PhotographError(
             RefusalReason.CORRUPT_PIXEL_DATA,
-            f"The {kind} codestream holds {columns} x {rows} pixels with {components} "
-            f"components, but the header says {header.columns} x {header.rows} with "
-            f"{header.samples_per_pixel}.",
+            f"The {kind} codestream holds {found.columns} x {found.rows} pixels with "
+            f"{found.components} components, but the header says {header.columns} x "
+            f"{header.rows} with {header.samples_per_pixel}.",
+        )
+    if found.data_start is None:
+        raise PhotographError(
+            RefusalReason.TRUNCATED_PIXEL_DATA,
+            f"The {kind} codestream ends before its image data: the pixel data was cut short.",
+        )
+    # Entropy-coded data never holds FF D9 (byte and bit stuffing), so finding it after
+    # the first scan means the codestream reaches its end marker.
+    if frame.find(b"\xff\xd9", found.data_start) < 0:
+        raise PhotographError(
+            RefusalReason.TRUNCATED_PIXEL_DATA,
+            f"The {kind} codestream has no end-of-image marker: the pixel data was cut short.",
         )
 
 
-def _jpeg_frame_size(frame: bytes) -> tuple[int, int, int] | None:
-    """(height, width, components) from a JPEG or JPEG-LS SOF segment (ISO 10918-1 B.2.2)."""
+@dataclass(frozen=True)
+class _CodestreamLayout:
+    rows: int
+    columns: int
+    components: int
+    data_start: int | None  # where the first scan (JPEG) or tile-part data (J2K) begins
+
+
+def _jpeg_layout(frame: bytes) -> _CodestreamLayout | None:
+    """Frame header (SOF, ISO 10918-1 B.2.2; SOF55 for JPEG-LS) and first scan (SOS)."""
     if frame[:2] != b"\xff\xd8":
         return None
     offset = 2
     size = len(frame)
+    dimensions: tuple[int, int, int] | None = None
     while offset + 4 <= size:
         if frame[offset] != 0xFF:
             return None
@@ -821,27 +867,32 @@ def _jpeg_frame_size(frame: bytes) -> tuple[int, int, int] | None:
         if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
             offset += 2
             continue
-        is_sof = (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7
-        if is_sof:
-            if offset + 10 > size:
-                return None
-            height, width = struct.unpack(">HH", frame[offset + 5 : offset + 9])
-            return height, width, frame[offset + 9]
-        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
-            return None
+        if marker == 0xD9:  # EOI before any scan
+            break
         (length,) = struct.unpack(">H", frame[offset + 2 : offset + 4])
         if length < 2:
             return None
+        is_sof = (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7
+        if is_sof and dimensions is None:
+            if offset + 10 > size:
+                return None
+            height, width = struct.unpack(">HH", frame[offset + 5 : offset + 9])
+            dimensions = (height, width, frame[offset + 9])
+        if marker == 0xDA:  # SOS: the first scan's data follows its header
+            if dimensions is None:
+                return None
+            return _CodestreamLayout(*dimensions, data_start=offset + 2 + length)
         offset += 2 + length
-    return None
+    if dimensions is None:
+        return None
+    return _CodestreamLayout(*dimensions, data_start=None)
 
 
-def _j2k_frame_size(frame: bytes) -> tuple[int, int, int] | None:
-    """(height, width, components) from a JPEG 2000 SIZ segment (ISO 15444-1 A.5.1)."""
+def _j2k_layout(frame: bytes) -> _CodestreamLayout | None:
+    """Image size from the SIZ segment (ISO 15444-1 A.5.1) and the first SOD marker."""
     offset = 0
     if frame[4:8] == b"jP  ":
         # A JP2 file instead of a bare codestream: find the contiguous codestream box.
-        offset = 0
         while offset + 8 <= len(frame):
             (length,) = struct.unpack(">I", frame[offset : offset + 4])
             if frame[offset + 4 : offset + 8] == b"jp2c":
@@ -859,7 +910,13 @@ def _j2k_frame_size(frame: bytes) -> tuple[int, int, int] | None:
     (components,) = struct.unpack(">H", siz[40:42])
     if xsiz <= x_origin or ysiz <= y_origin:
         return None
-    return ysiz - y_origin, xsiz - x_origin, components
+    start_of_data = frame.find(b"\xff\x93", offset + 42)  # SOD
+    return _CodestreamLayout(
+        ysiz - y_origin,
+        xsiz - x_origin,
+        components,
+        data_start=start_of_data + 2 if start_of_data >= 0 else None,
+    )
 
 
 def _check_rle_header(frame: bytes, header: PhotographHeader) -> None:
@@ -925,19 +982,30 @@ def _decode_frame(dataset: Dataset, header: PhotographHeader) -> tuple[np.ndarra
         source = _first_frame(source, header)
         # Re-encapsulating the one frame keeps pydicom from looking for more frames.
         source = _encapsulate_one(source)
-    try:
-        with warnings.catch_warnings():
-            # pydicom warns when it corrects a mislabelled colour space (a JFIF JPEG marked
-            # RGB); the correction is what we want, the warning is noise in a service log.
-            warnings.simplefilter("ignore")
-            array, properties = decoder.as_array(source, index=0, validate=True, **options)
-    except MemoryError:
-        raise
-    except Exception as exc:  # decoders raise what their libraries raise
+    plugins: tuple[str, ...] = ("",)  # native data: pydicom reads it itself
+    if syntax.is_encapsulated:
+        plugins = decoding_plugins(syntax)
+        if not plugins:
+            raise PhotographError(
+                RefusalReason.UNSUPPORTED_TRANSFER_SYNTAX,
+                f"No decoder for {_uid_name(syntax)} is installed.",
+            )
+    failures: list[str] = []
+    for plugin in plugins:
+        try:
+            array, properties = decoder.as_array(
+                source, index=0, validate=True, decoding_plugin=plugin, **options
+            )
+            break
+        except MemoryError:
+            raise
+        except Exception as exc:  # decoders raise what their libraries raise
+            failures.append(f"{plugin or 'pydicom'}: {_describe(exc)}")
+    else:
         raise PhotographError(
             RefusalReason.CORRUPT_PIXEL_DATA,
-            f"The {_uid_name(syntax)} pixel data could not be decoded ({_describe(exc)}).",
-        ) from exc
+            f"The {_uid_name(syntax)} pixel data could not be decoded ({'; '.join(failures)}).",
+        )
     expected_shape: tuple[int, ...] = (header.rows, header.columns)
     if header.samples_per_pixel > 1:
         expected_shape += (header.samples_per_pixel,)
@@ -1023,9 +1091,7 @@ def _first_number(value: Any) -> float | None:
 
 def _palette_to_rgb(dataset: Dataset, indices: np.ndarray) -> np.ndarray:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rgb = apply_color_lut(indices, dataset)
+        rgb = apply_color_lut(indices, dataset)
     except MemoryError:
         raise
     except Exception as exc:
@@ -1093,8 +1159,10 @@ def _short_repr(value: Any) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    """A library's exception as one short line (pydicom lists each plug-in's on its own)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines) if lines else type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _unparseable(tag: int, exc: BaseException) -> PhotographError:

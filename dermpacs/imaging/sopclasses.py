@@ -91,8 +91,41 @@ photo from them is still reported as possibly lossy, which is the safe side for 
 """
 
 
+DECODING_PLUGINS: Final[tuple[str, ...]] = ("pylibjpeg", "pyjpegls", "pillow", "pydicom")
+"""pydicom decoding plug-ins used for received photographs, in order of preference.
+
+python-gdcm is left out on purpose: on some corrupt JPEG data (found by mutating files)
+gdcm 3.2.6 throws a C++ exception that aborts the whole Python process instead of raising,
+so one broken photo would kill the worker that reads it, again at every retry.
+"""
+
+
+def decoding_plugins(transfer_syntax_uid: str) -> tuple[str, ...]:
+    """The installed plug-ins of :data:`DECODING_PLUGINS` that decode this syntax.
+
+    Parameters
+    ----------
+    transfer_syntax_uid : str
+        A transfer syntax UID.
+
+    Returns
+    -------
+    tuple[str, ...]
+        Plug-in names for pydicom's ``decoding_plugin``, best first; empty for native
+        syntaxes (pydicom reads those itself) and for syntaxes nothing here decodes.
+    """
+    try:
+        decoder = get_decoder(UID(transfer_syntax_uid))
+    except NotImplementedError:
+        return ()
+    if decoder.is_native:
+        return ()
+    available = decoder.available_plugins
+    return tuple(name for name in DECODING_PLUGINS if name in available)
+
+
 def decoder_available(transfer_syntax_uid: str) -> bool:
-    """Return whether an installed package decodes pixel data in this transfer syntax.
+    """Return whether pixel data in this transfer syntax can be read here.
 
     Parameters
     ----------
@@ -102,13 +135,17 @@ def decoder_available(transfer_syntax_uid: str) -> bool:
     Returns
     -------
     bool
-        ``True`` when pydicom has a decoder for the syntax with its plug-in installed
-        (pylibjpeg and its plug-ins, pyjpegls, python-gdcm or pillow), or the syntax is native.
+        ``True`` for native syntaxes pydicom reads, and for compressed syntaxes with a
+        plug-in of :data:`DECODING_PLUGINS` installed (pylibjpeg and its plug-ins,
+        pyjpegls, pillow, or pydicom's own RLE decoder).
     """
     try:
-        return bool(get_decoder(UID(transfer_syntax_uid)).is_available)
+        decoder = get_decoder(UID(transfer_syntax_uid))
     except NotImplementedError:
         return False
+    if decoder.is_native:
+        return bool(decoder.is_available)
+    return bool(decoding_plugins(transfer_syntax_uid))
 
 
 ACCEPTED_TRANSFER_SYNTAXES: Final[tuple[UID, ...]] = tuple(
@@ -139,5 +176,7 @@ __all__ = [
     "PHOTO_SOP_CLASSES",
     "SECONDARY_CAPTURE_IMAGE",
     "VL_PHOTOGRAPHIC_IMAGE",
+    "DECODING_PLUGINS",
     "decoder_available",
+    "decoding_plugins",
 ]
