@@ -394,3 +394,61 @@ def delete_redis_keys(pattern: str) -> int:
     client = redis.Redis(REDIS_HOST, REDIS_PORT, db=REDIS_TEST_DB)
     keys = list(client.scan_iter(match=pattern))
     return int(client.delete(*keys)) if keys else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Models for plumbing tests
+
+
+PLUMBING_LONG_SIDE = 128
+PLUMBING_CROP_SIZE = 32
+
+
+def write_plumbing_weights(folder: Path, *, seed: int = 0) -> dict[str, Any]:
+    """Write small randomly initialised networks; return the ``[model]`` settings for them.
+
+    These weights are NOT trained: they exist so that service tests can run photos through
+    every stage (decode, segment, crop, classify, SEG/SR/overlay, dispatch) before, or
+    independently of, the reference weights. Their findings mean nothing.
+    """
+    import torch
+
+    from dermpacs.config import ModelSettings
+    from dermpacs.inference.networks import DeepLabV3Plus, build_classifier
+    from dermpacs.inference.weights import SEGMENTATION_CLASSES, WeightsMetadata, save_weights
+
+    classes = list(ModelSettings().classes)
+    folder.mkdir(parents=True, exist_ok=True)
+    provenance = {"data": "none: random initialisation for plumbing tests", "seed": seed}
+    torch.manual_seed(seed)
+    segmentation = DeepLabV3Plus(aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    save_weights(
+        segmentation.eval(),
+        folder / "segmentation.safetensors",
+        WeightsMetadata(
+            kind="segmentation",
+            classes=SEGMENTATION_CLASSES,
+            input_size=PLUMBING_LONG_SIDE,
+            version="0.0.0-plumbing",
+            provenance=provenance,
+        ),
+    )
+    torch.manual_seed(seed + 1)
+    save_weights(
+        build_classifier(len(classes), widths=(8, 8, 16, 16)).eval(),
+        folder / "classifier.safetensors",
+        WeightsMetadata(
+            kind="classifier",
+            classes=tuple(classes),
+            input_size=PLUMBING_CROP_SIZE,
+            version="0.0.0-plumbing",
+            provenance=provenance,
+        ),
+    )
+    return {
+        "segmentation_weights": str(folder / "segmentation.safetensors"),
+        "classifier_weights": str(folder / "classifier.safetensors"),
+        "device": "cpu",
+        "long_side": PLUMBING_LONG_SIDE,
+        "classes": classes,
+    }

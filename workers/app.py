@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from dermpacs.config import ConfigError, Settings, load_settings
 from dermpacs.jobs.outcome import StageOutcome
@@ -80,7 +82,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,
         "result_backend": None,
-        "task_queues": [Queue(inference.name), Queue(dispatch.name)],
+        # Each queue on its own direct exchange and routing key, so that a task published to
+        # one queue can never land in the other.
+        "task_queues": [
+            Queue(q.name, Exchange(q.name, type="direct"), routing_key=q.name)
+            for q in (inference, dispatch)
+        ],
         "task_default_queue": inference.name,
         "task_routes": {
             PROCESS_TASK: {"queue": inference.name},
@@ -164,6 +171,32 @@ def follow_up(task: Task, outcome: StageOutcome) -> str:
     return outcome.state.value
 
 
-def worker_hostname(queues: list[str]) -> str:
-    """A node name that says which queues the worker takes."""
-    return f"dermpacs-{'-'.join(queues)}-{os.getpid()}@%h"
+def redelivery_grace(settings: Settings) -> timedelta | None:
+    """After how long a ``queued`` job is published again; None where the broker redelivers.
+
+    Redis keeps an unacknowledged message and delivers it again; the embedded broker deletes
+    a message when a worker takes it, so a job whose worker died before claiming it is found
+    by its age: a whole task time limit after the received grace.
+    """
+    if not uses_embedded_broker(settings):
+        return None
+    return timedelta(seconds=settings.jobs.received_grace + settings.queues.inference.time_limit)
+
+
+def start_worker(*, queues: list[str], concurrency: int, pool: str, verbose: bool = False) -> int:
+    """Run a worker for ``queues`` in this process until it is told to stop; its exit code.
+
+    Call :func:`configure` first.
+    """
+    worker = app.Worker(
+        hostname=f"dermpacs-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}",
+        queues=queues,
+        concurrency=concurrency,
+        pool_cls=pool,
+        loglevel="DEBUG" if verbose else "INFO",
+        without_gossip=True,
+        without_mingle=True,
+        optimization="fair",
+    )
+    worker.start()
+    return int(worker.exitcode or 0)

@@ -1,0 +1,77 @@
+"""``dermpacs listen``: the DICOM listener (C-ECHO, C-STORE) that feeds the job queue."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+from dermpacs.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Receive photographs by C-STORE into the spool and the job store, and publish a "
+        "processing task for each. Configured by [listener], [storage], [database], [broker]."
+    )
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """pynetdicom logs every association and highdicom every copied module at INFO; keep
+    their warnings only unless asked."""
+    if not verbose:
+        for name in ("pynetdicom", "highdicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def start_intake(settings: Settings) -> Any:
+    """Configure the queue and start the intake service; raises ConfigError."""
+    from dermpacs.intake.service import IntakeService
+    from dermpacs.processing import model_version
+    from workers.app import configure, publish_dispatch, publish_processing, redelivery_grace
+
+    version = model_version(settings)
+    configure(settings)
+    service = IntakeService(
+        settings,
+        model_version=version,
+        publish_processing=publish_processing,
+        publish_dispatch=publish_dispatch,
+        queued_grace=redelivery_grace(settings),
+    )
+    summary = service.start()
+    log.info(
+        "model %s; %d unfinished job(s) re-published at start-up",
+        version,
+        summary.total,
+    )
+    return service
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    quiet_libraries(args.verbose)
+    try:
+        service = start_intake(settings)
+    except ConfigError as exc:
+        print(f"dermpacs listen: {exc}")
+        return 2
+    except OSError as exc:  # port in use, storage not writable
+        print(f"dermpacs listen: cannot start: {exc}")
+        return 1
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        stop.wait()
+    finally:
+        service.stop()
+    return 0

@@ -1,0 +1,109 @@
+"""The intake service: listener, spool, job store, publisher and reconciler, started together.
+
+Start-up order matters: partial spool files of a crash are removed, every unfinished job is
+published again, then the listener opens its port. How tasks reach the broker is handed in
+(``publish_processing``, ``publish_dispatch``), so intake does not depend on Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from dermpacs.config import Settings
+from dermpacs.intake.listener import Listener
+from dermpacs.intake.spool import Spool
+from dermpacs.jobs.publisher import PeriodicReconciler, Publisher
+from dermpacs.jobs.reconcile import RequeueSummary, requeue_unfinished
+from dermpacs.jobs.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+# Beyond a task's time limit, how long before its job (or delivery) counts as abandoned.
+LEASE_MARGIN_SECONDS = 30.0
+
+
+class IntakeService:
+    """Everything ``dermpacs listen`` runs.
+
+    Parameters
+    ----------
+    settings
+        The configuration.
+    model_version
+        Keys jobs with the SOP Instance UID (:func:`dermpacs.processing.model_version`).
+    publish_processing, publish_dispatch
+        Put a task for a job id on the broker; may raise when it is down.
+    queued_grace
+        Publish ``queued`` jobs again after this long (for a broker that does not redeliver);
+        None trusts the broker.
+    store
+        A job store to use instead of the configured one.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model_version: str,
+        publish_processing: Callable[[int], None],
+        publish_dispatch: Callable[[int], None],
+        queued_grace: timedelta | None = None,
+        store: JobStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.publish_processing = publish_processing
+        self.publish_dispatch = publish_dispatch
+        self.store = store or JobStore.from_settings(settings, actor="listener")
+        self.spool = Spool(
+            Path(settings.storage.root), min_free_bytes=settings.storage.min_free_mb * 2**20
+        )
+        self.publisher = Publisher(self.store, publish_processing)
+        self.listener = Listener(
+            settings.listener,
+            intake=settings.intake,
+            spool=self.spool,
+            store=self.store,
+            model_version=model_version,
+            on_recorded=self.publisher.submit,
+        )
+        queues, jobs = settings.queues, settings.jobs
+        self.reconciler = PeriodicReconciler(
+            self.store,
+            publish_processing=publish_processing,
+            publish_dispatch=publish_dispatch,
+            interval=jobs.reconcile_interval,
+            received_grace=timedelta(seconds=jobs.received_grace),
+            processing_lease=timedelta(seconds=queues.inference.time_limit + LEASE_MARGIN_SECONDS),
+            dispatch_grace=timedelta(seconds=jobs.dispatch_grace),
+            dispatch_lease=timedelta(seconds=queues.dispatch.time_limit + LEASE_MARGIN_SECONDS),
+            queued_grace=queued_grace,
+        )
+
+    def start(self) -> RequeueSummary:
+        """Clean the spool, publish unfinished jobs, then listen. Returns what was published."""
+        removed = self.spool.clear_incoming()
+        if removed:
+            logger.info("removed %d partial spool file(s) left by a crash", removed)
+        summary = requeue_unfinished(
+            self.store,
+            publish_processing=self.publish_processing,
+            publish_dispatch=self.publish_dispatch,
+        )
+        self.publisher.start()
+        self.listener.start()
+        self.reconciler.start()
+        return summary
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    def stop(self) -> None:
+        """Stop listening, then publish what was received and close the store."""
+        self.listener.shutdown()
+        self.reconciler.stop()
+        self.publisher.stop()
+        self.store.dispose()
