@@ -43,7 +43,7 @@ def dciodvfy_report(dataset: Dataset) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = _write_temp(dataset, Path(tmp))
         completed = subprocess.run(
-            [DCIODVFY, "-new", str(path)], capture_output=True, text=True, timeout=120
+            [DCIODVFY, str(path)], capture_output=True, text=True, timeout=120
         )
     return completed.stdout + completed.stderr
 

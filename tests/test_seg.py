@@ -216,3 +216,12 @@ def test_uid_fields_cannot_run_into_each_other() -> None:
 def test_underivable_uids_are_refused(source_uid: str, version: str, kind: str) -> None:
     with pytest.raises(UidError):
         derive_uid(source_uid, version, kind)
+
+
+def test_validator_reports_errors_it_finds(sources: dict[str, SourcePhoto]) -> None:
+    """dciodvfy is live: the camera-like img2dcm photo lacks Laterality (FIELD-NOTES)."""
+    errors = dciodvfy_errors(sources["img2dcm-vlp"].dataset)
+    assert any("Laterality" in line for line in errors)
+    seg = _build(sources["vl-photographic"])
+    del seg.SegmentSequence[0].SegmentLabel
+    assert any("SegmentLabel" in line for line in dciodvfy_errors(seg))
