@@ -36,6 +36,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_color_lut, convert_color_space
 from pydicom.uid import (
@@ -273,6 +274,12 @@ def parse_dicom_file(data: bytes | bytearray | memoryview | str | os.PathLike[st
     raw = Path(data).read_bytes() if isinstance(data, str | os.PathLike) else bytes(data)
     try:
         dataset = pydicom.dcmread(BytesIO(raw), force=False)
+    except InvalidDicomError as exc:
+        raise PhotographError(
+            RefusalReason.UNPARSEABLE,
+            "The data is not a DICOM file: it does not start with the 128-byte preamble and "
+            "'DICM' followed by file meta information (PS3.10 7.1).",
+        ) from exc
     except MemoryError:
         raise
     except Exception as exc:  # pydicom raises many types for broken input
@@ -415,12 +422,14 @@ def check_photograph(
 
     rows = _int(dataset, "Rows")
     columns = _int(dataset, "Columns")
-    if not rows or not columns:
-        missing = [name for name, value in (("Rows", rows), ("Columns", columns)) if not value]
+    if rows is None or columns is None or rows <= 0 or columns <= 0:
+        missing = [
+            name for name, value in (("Rows", rows), ("Columns", columns)) if not value or value < 0
+        ]
         raise PhotographError(
             RefusalReason.MISSING_DIMENSIONS,
             f"The photograph's {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing, empty or zero.",
+            f"{'is' if len(missing) == 1 else 'are'} missing, empty, zero or negative.",
         )
     megapixels = rows * columns / 1e6
     if megapixels > max_megapixels:
@@ -608,7 +617,8 @@ def _transfer_syntax(dataset: Dataset) -> str:
         raise PhotographError(
             RefusalReason.UNSUPPORTED_TRANSFER_SYNTAX,
             f"The pixel data is encoded as {_uid_name(syntax)} ({syntax}), which dermpacs "
-            "does not read; send it as JPEG, JPEG-LS, JPEG 2000, RLE or uncompressed.",
+            "does not read; send it as JPEG, JPEG-LS, JPEG 2000, RLE or uncompressed "
+            "little endian.",
         )
     return str(syntax)
 
