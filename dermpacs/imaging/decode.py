@@ -970,7 +970,12 @@ def _decode_rgb(dataset: Dataset, header: PhotographHeader) -> np.ndarray:
 
 
 def _decode_frame(dataset: Dataset, header: PhotographHeader) -> tuple[np.ndarray, str, int]:
-    """Return the decoded samples, the colour space they are in, and their bits stored."""
+    """Return the decoded samples, the colour space they are in, and their bits stored.
+
+    The one place where pixels are decoded, from the checked header alone. A reduced-size
+    read (a JPEG decoded at 1/2, 1/4 or 1/8 DCT scale, for a later ``read_photograph_scaled``)
+    fits here: same header, same frame bytes, another decoding call.
+    """
     syntax = UID(header.transfer_syntax_uid)
     decoder = get_decoder(syntax)
     options: dict[str, Any] = {
