@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-APT_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+APT_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc ojph_compress:openjph-tools
 PYTEST_ARGS ?=
 
 .PHONY: run test lint format bench tools venv clean
