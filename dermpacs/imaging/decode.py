@@ -13,11 +13,11 @@ native pixel data and the dimensions written inside a compressed codestream. A h
 broken header therefore costs a few attribute reads, never a 60-gigapixel allocation.
 
 Decoding uses pydicom's pixel decoders and the codec packages made for them (pylibjpeg with
-pylibjpeg-libjpeg and pylibjpeg-openjpeg, pyjpegls, pillow; not python-gdcm, see sopclasses). Colour conversion
-happens exactly once: pydicom's decoders hand back the codestream's own samples (YCbCr for a
-JFIF JPEG) and convert YBR_FULL and YBR_FULL_422 to RGB themselves, while the JPEG 2000
-decoders undo YBR_ICT and YBR_RCT; the returned pixel description says which colour space the
-array is in, and this module converts only what is still not RGB.
+pylibjpeg-libjpeg and pylibjpeg-openjpeg, pyjpegls, pillow; not python-gdcm, see sopclasses).
+Colour conversion happens exactly once: pydicom's decoders hand back the codestream's own
+samples (YCbCr for a JFIF JPEG) and convert YBR_FULL and YBR_FULL_422 to RGB themselves, while
+the JPEG 2000 decoders undo YBR_ICT and YBR_RCT; the returned pixel description says which
+colour space the array is in, and this module converts only what is still not RGB.
 """
 
 from __future__ import annotations
