@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from dermpacs.analysis import BACKGROUND, LESION, SKIN, QualityFlag
 from dermpacs.config import Settings
-from dermpacs.inference.networks import DeepLabV3Plus, build_classifier
 from dermpacs.inference.pipeline import (
     DEFAULT_WEIGHTS_DIR,
     Analyser,
@@ -28,64 +27,8 @@ from dermpacs.inference.pipeline import (
     resolve_device,
 )
 from dermpacs.inference.skintone import srgb_to_lab
-from dermpacs.inference.weights import SEGMENTATION_CLASSES, WeightsMetadata, save_weights
-
-CLASSES = ["atopic_dermatitis", "mycosis_fungoides", "impetigo", "herpesvirus_infection"]
-LONG_SIDE = 128
-CROP_SIZE = 32
-
-
-def _segmentation(constant_label: int | None) -> DeepLabV3Plus:
-    """Random weights; with ``constant_label`` the last layer answers that label everywhere."""
-    torch.manual_seed(0)
-    model = DeepLabV3Plus(aspp_channels=16, decoder_channels=16, low_level_channels=8)
-    if constant_label is not None:
-        conv = model.classifier.conv  # type: ignore[union-attr]
-        with torch.no_grad():
-            conv.weight.zero_()
-            conv.bias.zero_()
-            conv.bias[constant_label] = 5.0
-    return model.eval()
-
-
-def _write_models(tmp_path: Path, constant_label: int | None) -> Settings:
-    seg_path = tmp_path / f"seg-{constant_label}.safetensors"
-    cls_path = tmp_path / "cls.safetensors"
-    provenance = {"data": "none: random initialisation, plumbing test"}
-    save_weights(
-        _segmentation(constant_label),
-        seg_path,
-        WeightsMetadata(
-            kind="segmentation",
-            classes=SEGMENTATION_CLASSES,
-            input_size=LONG_SIDE,
-            version="0.0.0-plumbing",
-            provenance=provenance,
-        ),
-    )
-    torch.manual_seed(1)
-    save_weights(
-        build_classifier(len(CLASSES), widths=(8, 8, 16, 16)).eval(),
-        cls_path,
-        WeightsMetadata(
-            kind="classifier",
-            classes=tuple(CLASSES),
-            input_size=CROP_SIZE,
-            version="0.0.0-plumbing",
-            provenance=provenance,
-        ),
-    )
-    return Settings.model_validate(
-        {
-            "model": {
-                "segmentation_weights": str(seg_path),
-                "classifier_weights": str(cls_path),
-                "device": "cpu",
-                "long_side": LONG_SIDE,
-                "classes": CLASSES,
-            }
-        }
-    )
+from tests.plumbing_models import CLASSES, CROP_SIZE, LONG_SIDE
+from tests.plumbing_models import write_plumbing_models as _write_models
 
 
 def _photo(rows: int = 150, columns: int = 200, seed: int = 0) -> np.ndarray:
