@@ -32,10 +32,14 @@ class DeliveryItem:
 
 @dataclass(frozen=True)
 class ItemOutcome:
-    """Whether the destination holds the object now, and if not, why."""
+    """Whether the destination holds the object now, and if not, why.
+
+    ``permanent`` failures are not retried (nothing would change by waiting).
+    """
 
     delivered: bool
     error: str | None = None
+    permanent: bool = False
 
 
 class ResultDestination(Protocol):

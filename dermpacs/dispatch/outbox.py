@@ -83,7 +83,8 @@ def deliver_job(
         outcomes: dict[ResultKind, ItemOutcome]
         if destination is None:
             outcomes = {
-                r.kind: ItemOutcome(False, f"destination {name!r} is not configured") for r in rows
+                r.kind: ItemOutcome(False, f"destination {name!r} is not configured", True)
+                for r in rows
             }
         else:
             items = []
@@ -91,7 +92,9 @@ def deliver_job(
             for row in rows:
                 output = outputs.get(row.kind)
                 if output is None:
-                    outcomes[row.kind] = ItemOutcome(False, f"no {row.kind.value} was written")
+                    outcomes[row.kind] = ItemOutcome(
+                        False, f"no {row.kind.value} was written", permanent=True
+                    )
                     continue
                 items.append(
                     DeliveryItem(
@@ -105,18 +108,23 @@ def deliver_job(
                 outcomes.update(destination.deliver(items) if items else {})
             except OSError as exc:  # a result file unreadable: a local fault, retried
                 outcomes.update({i.kind: ItemOutcome(False, f"local: {exc}") for i in items})
+        # One retry time per destination, so that its objects go together again.
+        next_attempt = now + timedelta(
+            seconds=backoff_delay(
+                max(r.attempts for r in rows),
+                base=policy.retry_delay,
+                cap=policy.retry_delay_max,
+            )
+        )
         for row in rows:
             outcome = outcomes.get(row.kind, ItemOutcome(False, "no outcome"))
             if outcome.delivered:
                 store.record_delivery(row.id, delivered=True)
                 logger.info("job %d: %s delivered to %s", job_id, row.kind.value, name)
                 continue
-            next_attempt = now + timedelta(
-                seconds=backoff_delay(
-                    row.attempts, base=policy.retry_delay, cap=policy.retry_delay_max
-                )
+            give_up = (
+                outcome.permanent or row.attempts >= policy.max_attempts or next_attempt > deadline
             )
-            give_up = row.attempts >= policy.max_attempts or next_attempt > deadline
             store.record_delivery(
                 row.id,
                 delivered=False,
@@ -135,7 +143,7 @@ def deliver_job(
     state, next_due = store.settle_delivery(job_id)
     retry_in = None
     if state is JobState.RESULTS_READY and next_due is not None:
-        retry_in = max(0.0, (next_due - utc_now()).total_seconds())
+        retry_in = max(0.0, (next_due - now).total_seconds())
     if state is JobState.DELIVERED:
         logger.info("job %d delivered", job_id)
     return StageOutcome(job_id, state, retry_in=retry_in)
