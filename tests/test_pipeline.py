@@ -223,3 +223,19 @@ def test_shipped_weights_segment_a_synthetic_photo() -> None:
         )
     assert np.mean(dice_skin) > 0.85
     assert np.mean(dice_lesion) > 0.6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_result(tmp_path: Path) -> None:
+    """On a GPU machine: ``auto`` picks CUDA, and a batch gives what the CPU gives."""
+    settings = _write_models(tmp_path, None)
+    on_cpu = Analyser.from_settings(settings)
+    auto = settings.model_copy(deep=True)
+    auto.model.device = "auto"
+    on_gpu = Analyser.from_settings(auto)
+    assert on_gpu.device.type == "cuda"
+    photos = [_photo(150, 200, 0), _photo(200, 150, 1), _photo(600, 800, 2)]
+    for cpu, gpu in zip(on_cpu.analyse_batch(photos), on_gpu.analyse_batch(photos), strict=True):
+        assert np.mean(cpu.label_map != gpu.label_map) < 5e-3
+        for name in CLASSES:
+            assert gpu.probabilities[name] == pytest.approx(cpu.probabilities[name], abs=2e-3)
