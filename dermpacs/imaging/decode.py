@@ -18,6 +18,13 @@ Colour conversion happens exactly once: pydicom's decoders hand back the codestr
 samples (YCbCr for a JFIF JPEG) and convert YBR_FULL and YBR_FULL_422 to RGB themselves, while
 the JPEG 2000 decoders undo YBR_ICT and YBR_RCT; the returned pixel description says which
 colour space the array is in, and this module converts only what is still not RGB.
+
+:func:`read_photograph_scaled` reads a photograph for analysis at 1/2, 1/4 or 1/8 of its size.
+A baseline or extended JPEG is then decoded by libjpeg's DCT scaling (pillow's ``draft``): only
+the low-frequency coefficients of each block are inverse transformed, so a 12-megapixel camera
+photo never exists at full size and decodes several times faster. Other encodings are decoded
+in full and reduced by averaging. The header checks and the refusals are those of
+:func:`read_photograph`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any, Final
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -45,6 +53,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
     RLELossless,
@@ -70,6 +80,13 @@ _GREY_PHOTOMETRICS: Final = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _PALETTE: Final = "PALETTE COLOR"
 SUPPORTED_PHOTOMETRICS: Final = _COLOUR_PHOTOMETRICS | _GREY_PHOTOMETRICS | {_PALETTE}
 """Photometric Interpretations read as photographs (PS3.3 C.7.6.3.1.2)."""
+
+REDUCTIONS: Final = (8, 4, 2, 1)
+"""Size reductions :func:`read_photograph_scaled` chooses from: the scales at which libjpeg's
+DCT scaling decodes a JPEG without resampling (ISO 10918-1 blocks of 8 x 8 samples)."""
+# Transfer syntaxes whose 8-bit DCT codestreams libjpeg decodes at reduced scale (lossless JPEG
+# has no DCT; a 12-bit extended codestream is not read by pillow's 8-bit libjpeg).
+_DCT_SCALABLE_SYNTAXES: Final = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
 
 # Which codestream family a compressed transfer syntax carries, for the header check.
 _JPEG_FAMILY: Final = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes)
@@ -211,6 +228,98 @@ class Photograph:
         object.__setattr__(self, "rgb", view)
 
 
+def reduced_shape(rows: int, columns: int, reduction: int) -> tuple[int, int]:
+    """Rows and columns of a ``rows x columns`` photo reduced by ``reduction``.
+
+    Rounded up, as libjpeg's scaled output and pillow's ``Image.reduce`` are: a partial last
+    block still gives a pixel.
+    """
+    return -(-rows // reduction), -(-columns // reduction)
+
+
+def choose_reduction(rows: int, columns: int, target_long_side: int) -> int:
+    """The largest of :data:`REDUCTIONS` that keeps the long side at least ``target_long_side``.
+
+    Parameters
+    ----------
+    rows, columns : int
+        The photograph's size.
+    target_long_side : int
+        The smallest long side, in pixels, the reduced photo may have.
+
+    Returns
+    -------
+    int
+        8, 4, 2 or 1 (no reduction, also when the photo is already smaller than the target).
+    """
+    if target_long_side < 1:
+        raise ValueError('Argument "target_long_side" must be a positive number of pixels.')
+    for reduction in REDUCTIONS:
+        if max(reduced_shape(rows, columns, reduction)) >= target_long_side:
+            return reduction
+    return 1
+
+
+@dataclass(frozen=True, eq=False)
+class ScaledPhotograph:
+    """A photograph decoded at a reduced size for analysis, with the facts of its full size.
+
+    Attributes
+    ----------
+    rgb : numpy.ndarray
+        ``ceil(rows / reduction) x ceil(columns / reduction) x 3`` ``uint8``, C-contiguous,
+        read-only; the same colour handling as :attr:`Photograph.rgb`.
+    sop_class_uid, sop_instance_uid, study_instance_uid, series_instance_uid : str
+        The source's identifiers.
+    transfer_syntax_uid, photometric_interpretation : str
+        As received.
+    rows, columns : int
+        The source's full Rows and Columns: masks computed on ``rgb`` are mapped back to these
+        (:attr:`source_shape`) for the SEG, which must match the source image.
+    reduction : int
+        1, 2, 4 or 8: how many source pixels one pixel of ``rgb`` spans along each side.
+    dct_scaled : bool
+        True when the codec decoded the JPEG at the reduced scale (no full-size array was
+        made); False when the photo was decoded in full and then averaged down (or not reduced).
+    lossy_compression : bool
+        As :attr:`Photograph.lossy_compression`.
+    """
+
+    rgb: np.ndarray = field(repr=False)
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    photometric_interpretation: str
+    rows: int
+    columns: int
+    reduction: int
+    dct_scaled: bool
+    lossy_compression: bool = False
+
+    def __post_init__(self) -> None:
+        rgb = self.rgb
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
+            raise TypeError('Argument "rgb" must be a numpy.ndarray of dtype uint8.')
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f'Argument "reduction" must be one of {REDUCTIONS}.')
+        expected = (*reduced_shape(self.rows, self.columns, self.reduction), 3)
+        if rgb.shape != expected:
+            raise ValueError(
+                f'Argument "rgb" must have shape (ceil(rows / reduction), ceil(columns / '
+                f"reduction), 3) = {expected}, not {rgb.shape}."
+            )
+        view = np.ascontiguousarray(rgb).view()
+        view.flags.writeable = False
+        object.__setattr__(self, "rgb", view)
+
+    @property
+    def source_shape(self) -> tuple[int, int]:
+        """The source's ``(rows, columns)``, for mapping results back to full size."""
+        return self.rows, self.columns
+
+
 # --- reading ------------------------------------------------------------------------------
 
 
@@ -335,6 +444,77 @@ def read_photograph(
         photometric_interpretation=header.photometric_interpretation,
         rows=header.rows,
         columns=header.columns,
+        lossy_compression=header.lossy_compression,
+    )
+
+
+def read_photograph_scaled(
+    dataset: Dataset,
+    *,
+    target_long_side: int,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+) -> ScaledPhotograph:
+    """Read a photograph at the smallest of 1, 1/2, 1/4 and 1/8 of its size that keeps its long
+    side at least ``target_long_side``.
+
+    A JPEG Baseline or Extended (8-bit) photo in colour is decoded by libjpeg at the reduced
+    scale (DCT scaling, ISO 10918-1 A.3.3 inverse transform of the low-frequency coefficients):
+    at 1/4 of a 12-megapixel photo that is several times faster than a full decode and never
+    holds the full-size picture in memory. Colour follows the codestream, as in
+    :func:`read_photograph` (YCbCr of a JFIF or ``img2dcm`` file is converted once; an Adobe
+    RGB codestream is not). Every other encoding is decoded in full and averaged down over
+    ``reduction x reduction`` blocks (pillow's ``Image.reduce``), which gives the same shape.
+
+    Parameters
+    ----------
+    dataset : pydicom.dataset.Dataset
+        The received object, as for :func:`read_photograph`.
+    target_long_side : int
+        The smallest long side the result may have; a photo already smaller is read at full size.
+    max_megapixels : float
+        The largest Rows x Columns accepted, in millions of pixels.
+
+    Returns
+    -------
+    ScaledPhotograph
+        The reduced RGB pixels, the reduction and the source's full Rows and Columns.
+
+    Raises
+    ------
+    PhotographError
+        For every object :func:`read_photograph` refuses, with the same reason: the header is
+        checked by :func:`check_photograph` first, and a codestream the reduced decode cannot
+        read is handed to the full decoders, which refuse it or read it.
+    ValueError
+        ``target_long_side`` is not a positive integer.
+    """
+    if isinstance(target_long_side, bool) or not isinstance(target_long_side, int):
+        raise ValueError('Argument "target_long_side" must be a positive number of pixels.')
+    header = check_photograph(dataset, max_megapixels=max_megapixels)
+    reduction = choose_reduction(header.rows, header.columns, target_long_side)
+    rgb: np.ndarray | None = None
+    if reduction > 1 and _dct_scalable(header):
+        frame = _first_frame(_pixel_data_bytes(dataset), header)
+        rgb = _decode_jpeg_reduced(frame, header, reduction)
+    dct_scaled = rgb is not None
+    if rgb is None:
+        rgb = _decode_rgb(dataset, header)
+        if reduction > 1:
+            # Box averaging over whole reduction x reduction blocks, like DCT scaling (whose
+            # 1/8 output is each block's mean); pillow rounds the size up the same way.
+            rgb = np.asarray(Image.fromarray(rgb).reduce(reduction))
+    return ScaledPhotograph(
+        rgb=rgb,
+        sop_class_uid=header.sop_class_uid,
+        sop_instance_uid=header.sop_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        photometric_interpretation=header.photometric_interpretation,
+        rows=header.rows,
+        columns=header.columns,
+        reduction=reduction,
+        dct_scaled=dct_scaled,
         lossy_compression=header.lossy_compression,
     )
 
@@ -972,9 +1152,8 @@ def _decode_rgb(dataset: Dataset, header: PhotographHeader) -> np.ndarray:
 def _decode_frame(dataset: Dataset, header: PhotographHeader) -> tuple[np.ndarray, str, int]:
     """Return the decoded samples, the colour space they are in, and their bits stored.
 
-    The one place where pixels are decoded, from the checked header alone. A reduced-size
-    read (a JPEG decoded at 1/2, 1/4 or 1/8 DCT scale, for a later ``read_photograph_scaled``)
-    fits here: same header, same frame bytes, another decoding call.
+    The one place where pixels are decoded in full, from the checked header alone (the
+    reduced-scale JPEG read of :func:`read_photograph_scaled` is :func:`_decode_jpeg_reduced`).
     """
     syntax = UID(header.transfer_syntax_uid)
     decoder = get_decoder(syntax)
@@ -1036,6 +1215,52 @@ def _decode_frame(dataset: Dataset, header: PhotographHeader) -> tuple[np.ndarra
 
 def _encapsulate_one(frame: bytes) -> bytes:
     return encapsulate([frame], has_bot=False)
+
+
+def _dct_scalable(header: PhotographHeader) -> bool:
+    """Whether the photo is an 8-bit colour DCT JPEG that libjpeg can decode at reduced scale."""
+    return (
+        header.transfer_syntax_uid in _DCT_SCALABLE_SYNTAXES
+        and header.samples_per_pixel == 3
+        and header.bits_stored == 8
+        and header.photometric_interpretation in ("YBR_FULL_422", "YBR_FULL", "RGB")
+    )
+
+
+def _decode_jpeg_reduced(
+    frame: bytes, header: PhotographHeader, reduction: int
+) -> np.ndarray | None:
+    """Decode a JPEG frame at ``1 / reduction`` scale with libjpeg (pillow), or None.
+
+    None means "decode it in full instead": the frame is not one pillow's libjpeg reads at
+    reduced scale (12-bit samples, unusual components) or it does not decode. Falling back
+    keeps the refusals of :func:`read_photograph`: pydicom's decoders include pillow, so a
+    frame pillow cannot read is refused there with the usual reason, and one it can read
+    would be read there too.
+    """
+    rows, columns = reduced_shape(header.rows, header.columns, reduction)
+    try:
+        with Image.open(BytesIO(frame), formats=("JPEG",)) as image:
+            # Mode RGB: pillow found three components it converts to RGB (YCbCr, or RGB as
+            # the codestream says); CMYK, greyscale or anything else goes the full way.
+            if image.mode != "RGB" or image.size != (header.columns, header.rows):
+                return None
+            # draft() picks the largest DCT scale whose output is at least the size asked
+            # for; asking for the rounded-down size gives exactly 1 / reduction.
+            image.draft(
+                "RGB", (max(1, header.columns // reduction), max(1, header.rows // reduction))
+            )
+            if image.size != (columns, rows):
+                return None
+            image.load()
+            rgb = np.asarray(image)
+    except MemoryError:
+        raise
+    except Exception:  # pillow raises what libjpeg reports; the full decoders judge the data
+        return None
+    if rgb.shape != (rows, columns, 3) or rgb.dtype != np.uint8:
+        return None
+    return rgb
 
 
 def _scale_to_uint8(pixels: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
@@ -1193,9 +1418,14 @@ __all__ = [
     "Photograph",
     "PhotographError",
     "PhotographHeader",
+    "REDUCTIONS",
     "RefusalReason",
+    "ScaledPhotograph",
     "check_photograph",
+    "choose_reduction",
     "parse_dicom_file",
     "read_photograph",
     "read_photograph_bytes",
+    "read_photograph_scaled",
+    "reduced_shape",
 ]
