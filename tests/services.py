@@ -161,7 +161,8 @@ class ServiceProcess:
 
     def log(self) -> str:
         """What the process wrote so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
@@ -452,3 +453,40 @@ def write_plumbing_weights(folder: Path, *, seed: int = 0) -> dict[str, Any]:
         "long_side": PLUMBING_LONG_SIDE,
         "classes": classes,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# dcmtk as the camera
+
+
+def storescu(
+    port: int,
+    files: Sequence[Path],
+    *,
+    called_aet: str = "DERMPACS",
+    calling_aet: str = "CAMERA",
+    syntax_option: str = "-xy",
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
+    """Send ``files`` with dcmtk ``storescu`` to ``127.0.0.1:port``.
+
+    ``syntax_option`` proposes the files' own transfer syntax (``-xy``: JPEG Baseline, what
+    ``img2dcm`` writes; FIELD-NOTES). ``TCP_NODELAY=1`` so that dcmtk does not wait on Nagle.
+    """
+    return subprocess.run(
+        [
+            "storescu",
+            "-aec",
+            called_aet,
+            "-aet",
+            calling_aet,
+            syntax_option,
+            LOOPBACK,
+            str(port),
+            *[str(f) for f in files],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
