@@ -1,0 +1,174 @@
+"""The Celery configuration, the embedded broker, and the intake service's start-up rules."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from kombu import Connection
+
+from dermpacs.config import ConfigError, Settings
+from dermpacs.intake.service import IntakeService
+from dermpacs.jobs import JobState, JobStore, ReceivedInstance, make_engine
+from dermpacs.jobs.publisher import Publisher
+from workers.app import (
+    DISPATCH_TASK,
+    PROCESS_TASK,
+    celery_config,
+    embedded_broker_url,
+    redelivery_grace,
+)
+from workers.embedded import TRANSPORT
+
+
+def settings_at(tmp_path, **tree) -> Settings:
+    return Settings.model_validate({"storage": {"root": str(tmp_path)}, **tree})
+
+
+def test_celery_is_json_only_late_acked_one_at_a_time(tmp_path):
+    config = celery_config(settings_at(tmp_path))
+    assert config["accept_content"] == ["json"]
+    assert config["task_serializer"] == config["result_serializer"] == "json"
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["task_routes"][PROCESS_TASK] == {"queue": "inference"}
+    assert config["task_routes"][DISPATCH_TASK] == {"queue": "dispatch"}
+    assert [(q.name, q.exchange.name, q.routing_key) for q in config["task_queues"]] == [
+        ("inference", "inference", "inference"),
+        ("dispatch", "dispatch", "dispatch"),
+    ]
+    assert config["task_annotations"][PROCESS_TASK]["time_limit"] == 600
+
+
+def test_redis_gets_a_visibility_timeout_longer_than_any_task(tmp_path):
+    settings = settings_at(tmp_path, broker={"url": "redis://127.0.0.1:6379/3"})
+    config = celery_config(settings)
+    assert config["broker_url"] == "redis://127.0.0.1:6379/3"
+    assert config["broker_transport_options"] == {"visibility_timeout": 3600}
+    assert redelivery_grace(settings) is None
+    too_short = settings_at(
+        tmp_path,
+        broker={"url": "redis://x", "visibility_timeout": 600},
+        queues={"inference": {"name": "inference", "time_limit": 600}},
+    )
+    with pytest.raises(ConfigError, match=r"broker\.visibility_timeout"):
+        celery_config(too_short)
+
+
+def test_the_same_queue_name_twice_is_refused(tmp_path):
+    settings = settings_at(tmp_path, queues={"dispatch": {"name": "inference"}})
+    with pytest.raises(ConfigError, match=r"queues\.dispatch\.name"):
+        celery_config(settings)
+
+
+def test_the_embedded_broker_is_a_file_under_the_storage_root(tmp_path):
+    settings = settings_at(tmp_path)
+    config = celery_config(settings)
+    assert config["broker_url"] == f"sqlite:///{(tmp_path / 'broker.sqlite3').resolve()}"
+    assert config["broker_transport"] == TRANSPORT
+    assert redelivery_grace(settings) == timedelta(seconds=60 + 600)
+
+
+def test_the_embedded_broker_passes_messages_between_connections_and_forgets_taken_ones(
+    tmp_path,
+):
+    url = embedded_broker_url(settings_at(tmp_path))
+    with Connection(url, transport=TRANSPORT) as producer:
+        queue = producer.SimpleQueue("inference")
+        for job_id in range(5):
+            queue.put({"job_id": job_id}, serializer="json")
+        queue.close()
+    received = []
+    with Connection(url, transport=TRANSPORT) as consumer:
+        queue = consumer.SimpleQueue("inference")
+        for _ in range(5):
+            message = queue.get(timeout=5)
+            received.append(message.payload["job_id"])
+            message.ack()
+        queue.close()
+    assert received == [0, 1, 2, 3, 4]
+    import sqlite3
+
+    rows = sqlite3.connect(url.removeprefix("sqlite:///")).execute(
+        "select count(*) from kombu_message"
+    )
+    assert rows.fetchone() == (0,)
+
+
+# --- publishing and start-up -------------------------------------------------------------
+
+
+def record(store: JobStore, n: int) -> int:
+    return store.record_received(
+        ReceivedInstance(
+            "1.2",
+            "1.2.1",
+            f"1.2.1.{n}",
+            "1.2.840.10008.5.1.4.1.1.7",
+            "1.2.840.10008.1.2.1",
+            "CAM",
+            f"/s/{n}",
+        ),
+        model_version="m",
+    ).job_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = JobStore(make_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}"))
+    store.create_schema()
+    yield store
+    store.dispose()
+
+
+def test_the_publisher_marks_published_jobs_queued_and_leaves_the_rest_received(store):
+    ids = [record(store, n) for n in range(4)]
+    broker_up = threading.Event()
+    published: list[int] = []
+
+    def publish(job_id: int) -> None:
+        if not broker_up.is_set():
+            raise ConnectionError("broker down")
+        published.append(job_id)
+
+    publisher = Publisher(store, publish).start()
+    publisher.submit(ids[0])
+    time.sleep(0.5)
+    assert store.get(ids[0]).job.state is JobState.RECEIVED  # stays for the reconciler
+    broker_up.set()
+    for job_id in ids[1:]:
+        publisher.submit(job_id)
+    publisher.stop()
+    assert published == ids[1:]
+    assert [store.get(i).job.state for i in ids] == [JobState.RECEIVED] + [JobState.QUEUED] * 3
+
+
+def test_intake_start_up_republishes_unfinished_jobs_before_listening(tmp_path, store):
+    waiting = record(store, 1)
+    settings = settings_at(tmp_path, listener={"port": 0, "host": "127.0.0.1"})
+    stale = tmp_path / "spool" / ".incoming"
+    stale.mkdir(parents=True)
+    (stale / "crash.part").write_bytes(b"half")
+    import os
+
+    os.utime(stale / "crash.part", (1, 1))
+    published: list[int] = []
+    service = IntakeService(
+        settings,
+        model_version="m",
+        publish_processing=published.append,
+        publish_dispatch=published.append,
+        store=store,
+    )
+    summary = service.start()
+    try:
+        assert summary.processing == [waiting] and published == [waiting]
+        assert store.get(waiting).job.state is JobState.QUEUED
+        assert not (stale / "crash.part").exists()
+        assert service.port > 0
+    finally:
+        service.listener.shutdown()
+        service.reconciler.stop()
+        service.publisher.stop()
