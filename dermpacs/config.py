@@ -141,6 +141,40 @@ class Destination(_Section):
     objects: list[ResultObject] = Field(default_factory=lambda: list(ALL_RESULT_OBJECTS))
 
 
+AdminRole = Literal["read", "admin"]
+
+
+class AdminUser(_Section):
+    """A person who signs in to the admin page with HTTP basic auth."""
+
+    name: str = Field(min_length=1)
+    # A hash from `dermpacs admin --hash-password` (pbkdf2_sha256$...), or plain text.
+    password: str = Field(min_length=8)
+    role: AdminRole = "read"
+
+
+class AdminToken(_Section):
+    """A bearer token for scripts and Prometheus (``Authorization: Bearer ...``)."""
+
+    name: str = Field(min_length=1)
+    token: str = Field(min_length=16)
+    role: AdminRole = "read"
+
+
+class AdminSettings(_Section):
+    """The admin web page (``dermpacs admin``): where it listens and who may use it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Where the page C-ECHOes the listener; empty: listener.host (loopback for 0.0.0.0).
+    listener_host: str = ""
+    echo_timeout: float = Field(5.0, gt=0)  # seconds, for listener and destination checks
+    inspect_timeout: float = Field(1.0, gt=0)  # seconds to wait for workers to answer
+    recent_jobs: int = Field(50, ge=1, le=1000)
+    users: list[AdminUser] = Field(default_factory=list)
+    tokens: list[AdminToken] = Field(default_factory=list)
+
+
 class Settings(_Section):
     listener: ListenerSettings = Field(default_factory=ListenerSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
@@ -153,6 +187,7 @@ class Settings(_Section):
     queues: QueuesSettings = Field(default_factory=QueuesSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
     destinations: list[Destination] = Field(
         default_factory=lambda: [Destination(name="outbox", kind="folder", path="outbox")]
     )
