@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dermpacs: {exc}", file=sys.stderr)
         return 2
-    return int(module.run(args, settings) or 0)  # type: ignore[attr-defined]
+    return int(module.run(args, settings) or 0)
 
 
 if __name__ == "__main__":
