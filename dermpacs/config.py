@@ -192,6 +192,15 @@ class Settings(_Section):
         default_factory=lambda: [Destination(name="outbox", kind="folder", path="outbox")]
     )
 
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destination_names(cls, value: list[Destination]) -> list[Destination]:
+        names = [d.name for d in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"destination names must be unique: {', '.join(repeated)}")
+        return value
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the key."""
