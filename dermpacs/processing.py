@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from dermpacs.config import ConfigError, Settings
 from dermpacs.jobs.models import JobState, ResultKind
 from dermpacs.jobs.outcome import StageOutcome, backoff_delay
-from dermpacs.jobs.store import ClaimStatus, JobStore, OutputRecord
+from dermpacs.jobs.store import ClaimStatus, JobStore, OutputRecord, UnknownJobError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -277,7 +277,11 @@ def process_job(
     store = store or shared_job_store(settings)
     policy = settings.queues.inference
     lease = timedelta(seconds=policy.time_limit + LEASE_MARGIN_SECONDS)
-    claim = store.claim_for_processing(job_id, lease=lease)
+    try:
+        claim = store.claim_for_processing(job_id, lease=lease)
+    except UnknownJobError:
+        logger.warning("job %d: no such job in the job store; task dropped", job_id)
+        return StageOutcome(job_id, JobState.FAILED)
     if claim.status is ClaimStatus.DONE:
         ready = claim.job.state is JobState.RESULTS_READY
         return StageOutcome(job_id, claim.job.state, publish_dispatch=ready)

@@ -194,3 +194,9 @@ def test_a_job_held_by_another_worker_is_deferred(settings, store, camera_photo)
     outcome = process_job(job_id, settings, store=store)
     assert outcome.state is JobState.PROCESSING
     assert outcome.retry_in is not None and outcome.retry_in > 600
+
+
+def test_a_task_for_an_unknown_job_is_dropped_with_a_warning(settings, store, caplog):
+    outcome = process_job(424242, settings, store=store)
+    assert outcome.state is JobState.FAILED and outcome.retry_in is None
+    assert "no such job" in caplog.text

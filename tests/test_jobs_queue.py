@@ -172,3 +172,17 @@ def test_intake_start_up_republishes_unfinished_jobs_before_listening(tmp_path, 
         service.listener.shutdown()
         service.reconciler.stop()
         service.publisher.stop()
+
+
+def test_tasks_retry_through_a_job_store_outage_and_are_thin(tmp_path):
+    import inspect
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from workers import tasks
+
+    for task in (tasks.process_job, tasks.deliver_job):
+        assert SQLAlchemyError in task.autoretry_for
+        assert task.max_retries is None  # the job store counts attempts, not Celery
+        body = inspect.getsource(task.run).split('"""')[-1].strip().splitlines()
+        assert len(body) <= 3  # a wrapper: settings, (store,) the stage

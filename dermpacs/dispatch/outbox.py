@@ -24,7 +24,7 @@ from dermpacs.dispatch.destinations import (
 )
 from dermpacs.jobs.models import JobState, ResultKind, utc_now
 from dermpacs.jobs.outcome import StageOutcome, backoff_delay
-from dermpacs.jobs.store import DeliverySnapshot, JobStore
+from dermpacs.jobs.store import DeliverySnapshot, JobStore, UnknownJobError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ def deliver_job(
     destinations = destinations or open_destinations(
         settings.destinations, storage_root=Path(settings.storage.root), dispatch=settings.dispatch
     )
-    detail = store.get(job_id)
+    try:
+        detail = store.get(job_id)
+    except UnknownJobError:
+        logger.warning("job %d: no such job in the job store; task dropped", job_id)
+        return StageOutcome(job_id, JobState.FAILED)
     job = detail.job
     if job.state is not JobState.RESULTS_READY:
         return StageOutcome(job_id, job.state)

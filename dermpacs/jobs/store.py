@@ -282,7 +282,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str | URL, *, busy_timeout_ms: int = 30_000) -> Engine:
+def make_engine(url: str | URL, *, busy_timeout_ms: int = 30_000, pool_size: int = 5) -> Engine:
     """Create an engine for the job store at ``url`` (SQLite file or PostgreSQL).
 
     Parameters
@@ -291,15 +291,27 @@ def make_engine(url: str | URL, *, busy_timeout_ms: int = 30_000) -> Engine:
         A SQLAlchemy URL: ``sqlite:///path`` or ``postgresql://user@host/db``.
     busy_timeout_ms
         How long a SQLite writer waits for the write lock.
+    pool_size
+        Connections kept open; up to as many again are opened under load.
     """
     url = make_url(url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
         _configure_sqlite(engine, busy_timeout_ms)
         return engine
-    return create_engine(with_installed_driver(url), pool_pre_ping=True)
+    return create_engine(
+        with_installed_driver(url),
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+    )
 
 
 def with_installed_driver(url: str | URL) -> URL:
@@ -336,8 +348,13 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, actor: str = "dermpacs") -> JobStore:
-        """Open the configured job store and create its tables when they are missing."""
-        store = cls(make_engine(database_url(settings)), actor=actor)
+        """Open the configured job store and create its tables when they are missing.
+
+        The pool has room for one connection per association the listener may serve, plus
+        its publisher and reconciler.
+        """
+        pool_size = settings.listener.max_associations + 4
+        store = cls(make_engine(database_url(settings), pool_size=pool_size), actor=actor)
         store.create_schema()
         return store
 
