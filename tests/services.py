@@ -171,10 +171,11 @@ class ServiceProcess:
             os.kill(self.pid, signum)
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM the process group, SIGKILL it after ``timeout``; return the exit code."""
+        """SIGTERM the process (it stops its own children), SIGKILL its group after
+        ``timeout``; return the exit code."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
+                os.kill(self.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
