@@ -1,1 +1,10 @@
-"""Admin web page, metrics and health."""
+"""Admin web page, metrics and health.
+
+:mod:`dermpacs.admin.app` (``create_app``) is the FastAPI app that ``dermpacs admin`` serves;
+the other modules are usable alone, also by the ``dermpacs queues`` and ``dermpacs
+destinations`` commands: :mod:`~dermpacs.admin.queues` (depth, age, consumers),
+:mod:`~dermpacs.admin.checks` (C-ECHO, folder writes, readiness),
+:mod:`~dermpacs.admin.metrics` (Prometheus collector over the job store),
+:mod:`~dermpacs.admin.refusals` (refused C-STOREs), :mod:`~dermpacs.admin.actions` (retry),
+:mod:`~dermpacs.admin.redaction` (secrets masked) and :mod:`~dermpacs.admin.auth`.
+"""

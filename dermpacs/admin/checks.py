@@ -1,0 +1,211 @@
+"""Live checks an admin runs: C-ECHO a destination or the listener, write to a folder, and
+whether the job store and the broker answer (readiness).
+
+Each check returns a plain record with what was asked, whether it worked, and why not; none
+raises for the peer's faults.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from dermpacs.config import Destination, Settings
+from dermpacs.jobs.store import JobStore
+
+# Listening on every address: C-ECHO it on loopback.
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """One C-ECHO: the peer's status, or why there was none.
+
+    ``reachable`` is true when the peer answered at all, also by rejecting the association
+    (it is up, but does not accept us: the calling AE title, say).
+    """
+
+    address: str
+    ok: bool
+    reachable: bool
+    status: int | None
+    detail: str
+    seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def c_echo(
+    host: str, port: int, *, called_ae_title: str, calling_ae_title: str, timeout: float
+) -> EchoResult:
+    """Send a C-ECHO (Verification SOP class, PS3.4 Annex A) and time it."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    address = f"{called_ae_title}@{host}:{port}"
+    started = time.perf_counter()
+
+    def done(ok: bool, reachable: bool, status: int | None, detail: str) -> EchoResult:
+        return EchoResult(address, ok, reachable, status, detail, time.perf_counter() - started)
+
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae_title)
+    except Exception as exc:  # name resolution and the like
+        return done(False, False, None, f"cannot associate: {exc}")
+    if assoc.is_rejected:
+        return done(False, True, None, f"association rejected (as {calling_ae_title})")
+    if not assoc.is_established:
+        return done(False, False, None, "no answer (refused, unreachable or timed out)")
+    try:
+        response = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in response:
+        return done(False, True, None, "no C-ECHO response (timeout)")
+    status = int(response.Status)
+    if status == 0x0000:
+        return done(True, True, status, "success")
+    return done(False, True, status, f"answered 0x{status:04X}")
+
+
+def listener_address(settings: Settings) -> tuple[str, int]:
+    """Where the admin page reaches the listener: ``admin.listener_host`` or ``listener.host``
+    (loopback when that is a wildcard)."""
+    host = settings.admin.listener_host or settings.listener.host
+    if host in _WILDCARD_HOSTS:
+        host = "127.0.0.1"
+    return host, settings.listener.port
+
+
+def probe_listener(settings: Settings) -> EchoResult:
+    """C-ECHO our own listener, calling as the first allowed AE title when there is a list."""
+    host, port = listener_address(settings)
+    allowed = settings.listener.allowed_calling_aets
+    calling = allowed[0] if allowed else settings.dispatch.calling_ae_title
+    return c_echo(
+        host,
+        port,
+        called_ae_title=settings.listener.ae_title,
+        calling_ae_title=calling,
+        timeout=settings.admin.echo_timeout,
+    )
+
+
+@dataclass(frozen=True)
+class DestinationCheck:
+    """The outcome of testing one destination (C-ECHO, or a test write for a folder)."""
+
+    name: str
+    kind: str
+    address: str
+    ok: bool
+    detail: str
+    seconds: float
+    status: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_folder(path: Path) -> tuple[bool, str]:
+    """Whether dermpacs can write into ``path`` (created if missing), by writing a file."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dermpacs-check-") as handle:
+            handle.write(b"dermpacs destination check\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        return False, f"cannot write: {exc.strerror or exc}"
+    return True, "writable"
+
+
+def check_destination(destination: Destination, settings: Settings) -> DestinationCheck:
+    """Test one ``[[destinations]]`` entry: C-ECHO a DICOM peer, write into a folder."""
+    from dermpacs.dispatch.destinations import folder_path
+
+    if destination.kind == "folder":
+        path = folder_path(destination, Path(settings.storage.root))
+        started = time.perf_counter()
+        ok, detail = check_folder(path)
+        return DestinationCheck(
+            destination.name, "folder", str(path), ok, detail, time.perf_counter() - started
+        )
+    echo = c_echo(
+        destination.host,
+        destination.port,
+        called_ae_title=destination.ae_title,
+        calling_ae_title=settings.dispatch.calling_ae_title,
+        timeout=settings.admin.echo_timeout,
+    )
+    return DestinationCheck(
+        destination.name, "dicom", echo.address, echo.ok, echo.detail, echo.seconds, echo.status
+    )
+
+
+def find_destination(settings: Settings, name: str) -> Destination:
+    """The configured destination called ``name``.
+
+    Raises
+    ------
+    KeyError
+        No destination has that name.
+    """
+    for destination in settings.destinations:
+        if destination.name == name:
+            return destination
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether this process can serve: each dependency and what it answered."""
+
+    ready: bool
+    checks: dict[str, str]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ready": self.ready, "checks": self.checks}
+
+
+def check_job_store(store: JobStore) -> str | None:
+    """None when the job store answers a query, else why not."""
+    try:
+        with store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def check_broker(settings: Settings) -> str | None:
+    """None when the broker accepts a connection, else why not."""
+    from workers.app import app, configure
+
+    try:
+        configure(settings)
+        with app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=settings.admin.echo_timeout)
+            connection.default_channel  # noqa: B018 (opening a channel is the check)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def readiness(settings: Settings, store: JobStore) -> Readiness:
+    """The admin page is ready when the job store and the broker answer."""
+    problems = {"job_store": check_job_store(store), "broker": check_broker(settings)}
+    return Readiness(
+        ready=all(p is None for p in problems.values()),
+        checks={name: problem or "ok" for name, problem in problems.items()},
+    )
