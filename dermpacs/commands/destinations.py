@@ -9,11 +9,18 @@ from dermpacs.config import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # --config and -v also after the action (`dermpacs destinations test --config FILE`);
+    # SUPPRESS keeps the value given before the action when they are not repeated.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="TOML settings file")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="action", required=True)
-    listing = sub.add_parser("list", help="the configured destinations")
+    listing = sub.add_parser("list", help="the configured destinations", parents=[common])
     listing.add_argument("--json", action="store_true")
     test = sub.add_parser(
-        "test", help="C-ECHO each DICOM destination, write a test file into each folder one"
+        "test",
+        help="C-ECHO each DICOM destination, write a test file into each folder one",
+        parents=[common],
     )
     test.add_argument("names", nargs="*", help="only these destinations (default: all)")
     test.add_argument("--json", action="store_true")

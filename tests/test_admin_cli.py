@@ -1,0 +1,218 @@
+"""``dermpacs queues``, ``dermpacs destinations`` and ``dermpacs admin`` as an admin runs them.
+
+The first two run in-process through ``dermpacs.cli.main`` on a configuration file; ``dermpacs
+admin`` runs as a real process (uvicorn) and is asked over HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dermpacs.admin.auth import verify_password
+from dermpacs.cli import main
+from dermpacs.jobs.store import JobStore
+from tests import services
+from tests.test_admin_support import (
+    ADMIN_TOKEN,
+    BOSS,
+    BOSS_HASH,
+    READ_TOKEN,
+    populate_jobs,
+    use_broker,
+)
+
+
+def write_config(tmp_path: Path, *, pacs_port: int, admin_port: int = 8080) -> Path:
+    """A configuration file: SQLite job store, embedded broker, folder and DICOM destinations."""
+    root = tmp_path / "storage"
+    text = f"""
+[storage]
+root = "{root}"
+
+[listener]
+port = {services.free_port()}
+
+[admin]
+host = "127.0.0.1"
+port = {admin_port}
+echo_timeout = 2.0
+
+[[admin.users]]
+name = "{BOSS[0]}"
+password = "{BOSS_HASH}"
+role = "admin"
+
+[[admin.tokens]]
+name = "prometheus"
+token = "{READ_TOKEN}"
+role = "read"
+
+[[destinations]]
+name = "outbox"
+kind = "folder"
+path = "outbox"
+
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs_port}
+"""
+    path = tmp_path / "dermpacs.toml"
+    path.write_text(text)
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture
+def populated(tmp_path: Path):
+    from dermpacs.config import load_settings
+
+    config = write_config(tmp_path, pacs_port=services.free_port())
+    settings = load_settings(config)
+    use_broker(settings)
+    store = JobStore.from_settings(settings)
+    jobs = populate_jobs(store, Path(settings.storage.root))
+    store.dispose()
+    return config, settings, jobs
+
+
+def test_queues_json_and_table(populated, capsys: pytest.CaptureFixture[str]) -> None:
+    from workers.app import publish_processing
+
+    config, _settings, jobs = populated
+    publish_processing(jobs.received)
+    code, out = run_cli(capsys, "queues", "--config", str(config), "--json")
+    assert code == 0
+    queues = {q["stage"]: q for q in json.loads(out)}
+    assert queues["inference"]["name"] == "inference"
+    assert queues["inference"]["broker_depth"] == 1
+    assert queues["inference"]["waiting_jobs"] == 2
+    assert queues["inference"]["consumers"] is None
+    assert queues["dispatch"]["waiting_jobs"] == 1
+    assert queues["dispatch"]["broker_depth"] == 0
+    code, out = run_cli(capsys, "queues", "--config", str(config))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["queue", "stage", "broker"]
+    assert lines[1].split()[:5] == ["inference", "inference", "1", "-", "2"]
+    assert lines[2].split()[:5] == ["dispatch", "dispatch", "0", "-", "1"]
+
+
+def test_queues_reports_a_broker_that_is_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path, pacs_port=services.free_port())
+    monkeypatch.setenv("DERMPACS__BROKER__URL", f"redis://127.0.0.1:{services.free_port()}/0")
+    code, out = run_cli(capsys, "queues", "--config", str(config), "--json")
+    assert code == 1
+    statuses = json.loads(out)
+    assert all(s["broker_depth"] is None and s["broker_error"] for s in statuses)
+
+
+def test_destinations_test_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", 0), block=False)
+    try:
+        config = write_config(tmp_path, pacs_port=server.server_address[1])
+        code, out = run_cli(capsys, "destinations", "test", "--config", str(config), "--json")
+        assert code == 0, out
+        checks = {c["name"]: c for c in json.loads(out)}
+        assert checks["pacs"]["ok"] and checks["pacs"]["status"] == 0
+        assert checks["pacs"]["address"].startswith("PACS@127.0.0.1:")
+        assert checks["outbox"]["ok"] and checks["outbox"]["kind"] == "folder"
+    finally:
+        server.shutdown()
+    # the PACS is gone: the command fails and says which destination
+    code, out = run_cli(capsys, "destinations", "test", "pacs", "--config", str(config))
+    assert code == 1
+    assert out.startswith("pacs") and "FAIL" in out and "no answer" in out
+    code, out = run_cli(capsys, "destinations", "test", "nowhere", "--config", str(config))
+    assert code == 2 and "no destination 'nowhere'" in out
+
+
+def test_destinations_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, pacs_port=4242)
+    code, out = run_cli(capsys, "destinations", "list", "--config", str(config), "--json")
+    assert code == 0
+    assert [d["name"] for d in json.loads(out)] == ["outbox", "pacs"]
+    code, out = run_cli(capsys, "destinations", "list", "--config", str(config))
+    assert "PACS@127.0.0.1:4242" in out
+
+
+def test_admin_hash_password(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a long passphrase\n"))
+    code, out = run_cli(capsys, "admin", "--hash-password")
+    assert code == 0
+    assert verify_password("a long passphrase", out.strip())
+
+
+def test_admin_refuses_to_start_without_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bare.toml"
+    config.write_text(f'[storage]\nroot = "{tmp_path / "storage"}"\n')
+    code = main(["admin", "--config", str(config)])
+    assert code == 2
+    assert "no [[admin.users]] or [[admin.tokens]]" in capsys.readouterr().err
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.integration
+def test_dermpacs_admin_serves_pages_metrics_and_probes(tmp_path: Path) -> None:
+    port = services.free_port()
+    config = write_config(tmp_path, pacs_port=services.free_port(), admin_port=port)
+    process = services.dermpacs_process("admin", config, log_path=tmp_path / "admin.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        status: Any = services.wait_until(
+            lambda: _get(f"{base}/healthz")[0] == 200, timeout=60, what="dermpacs admin"
+        )
+        assert status
+        assert _get(f"{base}/readyz") == (
+            200,
+            json.dumps(
+                {"ready": True, "checks": {"job_store": "ok", "broker": "ok"}},
+                separators=(",", ":"),
+            ),
+        )
+        assert _get(f"{base}/")[0] == 401
+        code, metrics = _get(f"{base}/metrics", {"Authorization": f"Bearer {READ_TOKEN}"})
+        assert code == 200 and "dermpacs_photos_received_total 0.0" in metrics
+        token = base64.b64encode(f"{BOSS[0]}:{BOSS[1]}".encode()).decode()
+        code, page = _get(f"{base}/", {"Authorization": f"Basic {token}"})
+        assert code == 200 and "DICOM listener" in page
+        assert _get(f"{base}/", {"Authorization": f"Bearer {ADMIN_TOKEN}"})[0] == 401
+    finally:
+        process.stop()
+    assert "admin page on http://127.0.0.1:" in process.log()
