@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-APT_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc ojph_compress:openjph-tools
+APT_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc ojph_compress:openjph-tools \
+             chromium:chromium npm:npm \
+             /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format bench tools venv clean
+.PHONY: run test lint format bench tools venv clean viewer-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +20,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian tools the tests use: dcmtk (storescu, img2dcm), dicom3tools (dciodvfy), Orthanc.
+# Debian tools the tests use: dcmtk (storescu, img2dcm), dicom3tools (dciodvfy), Orthanc; the viewer
+# test (tests/test_viewer.py) also needs chromium, npm and Orthanc's DICOMweb plugin.
 tools:
 	@missing=""; for pair in $(APT_TOOLS); do \
-	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	  { command -v $${pair%%:*} || [ -e $${pair%%:*} ]; } >/dev/null 2>&1 \
+	    || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -33,6 +37,11 @@ run: $(STAMP)
 
 test: $(STAMP) tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The viewer test's study in Orthanc + OHIF for a person to look at (docs/viewing.md); Ctrl-C stops.
+VIEWER_PORT ?= 3000
+viewer-demo: $(STAMP) tools
+	$(PY) -m tests.viewer.demo --port $(VIEWER_PORT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dermpacs workers tests bench
