@@ -7,7 +7,7 @@ Plain data, no behaviour: ``dermpacs.inference`` produces a :class:`PhotoAnalysi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -15,7 +15,7 @@ import numpy as np
 BACKGROUND, SKIN, LESION = 0, 1, 2
 
 
-class QualityFlag(str, Enum):
+class QualityFlag(StrEnum):
     """Reasons to read a result with care; each is reported in the SR."""
 
     TOO_LITTLE_SKIN = "too_little_skin"
