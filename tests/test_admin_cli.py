@@ -216,3 +216,86 @@ def test_dermpacs_admin_serves_pages_metrics_and_probes(tmp_path: Path) -> None:
     finally:
         process.stop()
     assert "admin page on http://127.0.0.1:" in process.log()
+
+
+@pytest.mark.integration
+def test_flower_and_dermpacs_queues_see_a_running_worker(
+    tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dispatch worker on Redis: ``dermpacs queues`` names it as the queue's consumer, and
+    Flower, started as the deployment files start it, sees it and its queue."""
+    import uuid
+
+    pytest.importorskip("flower")
+    suffix = uuid.uuid4().hex[:8]
+    dispatch, inference = f"dispatch-{suffix}", f"inference-{suffix}"
+    config = tmp_path / "dermpacs.toml"
+    config.write_text(
+        f"""
+[storage]
+root = "{tmp_path / "storage"}"
+[broker]
+url = "{redis_url}"
+[queues.inference]
+name = "{inference}"
+[queues.dispatch]
+name = "{dispatch}"
+[admin]
+inspect_timeout = 2.0
+"""
+    )
+    flower_port = services.free_port()
+    worker = services.dermpacs_process(
+        "worker",
+        config,
+        log_path=tmp_path / "worker.log",
+        extra_args=["--queues", dispatch, "--pool", "threads", "--concurrency", "1"],
+    )
+    flower = services.ServiceProcess(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            f"--broker={redis_url}",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={flower_port}",
+            "--basic-auth=flower:flower-password",
+            "--persistent=False",
+        ],
+        log_path=tmp_path / "flower.log",
+    )
+    try:
+
+        def consumers() -> list[str] | None:
+            code, out = run_cli(capsys, "queues", "--config", str(config), "--json")
+            queues = {q["name"]: q for q in json.loads(out)}
+            return queues[dispatch]["consumers"] or None
+
+        try:
+            (name,) = services.wait_until(consumers, timeout=90, interval=1, what="a consumer")
+        except TimeoutError:
+            pytest.fail(f"no consumer seen\n{worker.log()[-3000:]}")
+        assert name.startswith(f"dermpacs-{dispatch}-")
+        code, out = run_cli(capsys, "queues", "--config", str(config), "--json")
+        assert {q["name"]: q["consumers"] for q in json.loads(out)}[inference] == []
+
+        auth = "Basic " + base64.b64encode(b"flower:flower-password").decode()
+
+        def flower_workers() -> dict[str, Any] | None:
+            code, body = _get(
+                f"http://127.0.0.1:{flower_port}/api/workers?refresh=1", {"Authorization": auth}
+            )
+            workers = json.loads(body) if code == 200 else {}
+            return workers if name in workers else None
+
+        try:
+            workers = services.wait_until(flower_workers, timeout=60, interval=1, what="Flower")
+        except TimeoutError:
+            pytest.fail(f"Flower did not list {name}\n{flower.log()[-3000:]}")
+        assert [q["name"] for q in workers[name]["active_queues"]] == [dispatch]
+        assert _get(f"http://127.0.0.1:{flower_port}/api/workers")[0] == 401
+    finally:
+        flower.stop()
+        worker.stop()
+        services.delete_redis_keys(f"*{suffix}*")
