@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch that lies on disk; installed first so monai's requirement is met
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -42,6 +42,14 @@ test: $(STAMP) tools
 VIEWER_PORT ?= 3000
 viewer-demo: $(STAMP) tools
 	$(PY) -m tests.viewer.demo --port $(VIEWER_PORT)
+
+# The benchmark suite (docs/benchmarks.md): receive, inference, end to end; bounded in time
+# (about 40 minutes), results in bench/results/, tables written into docs/benchmarks.md.
+# BENCH_SHORT=1: a handful of small photos, checks the harness works, asserts no times.
+BENCH_SHORT ?=
+BENCH_ARGS ?=
+bench: $(STAMP) tools
+	$(PY) -m bench $(if $(BENCH_SHORT),--short) $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dermpacs workers tests bench

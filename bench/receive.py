@@ -1,0 +1,325 @@
+"""Receive: photos per second acknowledged, dermpacs beside dcmtk ``storescp`` and Orthanc.
+
+For each kind of photo (12-megapixel camera JPEG from ``img2dcm``; 640 x 480 uncompressed RGB)
+a burst of distinct photos is sent by dcmtk ``storescu`` (``TCP_NODELAY=1``; ``-xy`` proposes
+the JPEG's own transfer syntax) over one association, then over several concurrent
+associations (one ``storescu`` process each, started together), to each of three receivers
+running at the same time:
+
+* ``dermpacs listen``: admits each photo from its header, writes it to the spool (write,
+  fsync, rename, fsync of the folder), commits its job row (SQLite in WAL mode with
+  ``synchronous=FULL``), then answers success; the task is published to Redis in the background;
+* dcmtk ``storescp`` tuned as FIELD-NOTES says (``TCP_NODELAY=1``, ``--max-pdu 131072``), one
+  forked child per association, writing files without fsync;
+* Orthanc (``TCP_NODELAY=1``, ``MaximumPduLength`` 131072), which stores durably by default.
+
+The time is from starting the ``storescu`` processes to the last one exiting, which happens
+after the last C-STORE response; photos/s = photos / time. Each receiver's stored count is
+checked afterwards, so a burst that was refused or lost counts as a failure, not as speed.
+Receivers take turns within each repetition so that a noisy neighbour on the machine hurts
+all three alike; the median of the repetitions is reported with the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import inputs
+from bench.machine import machine_facts
+from bench.models import choose_model
+from bench.services import (
+    LOOPBACK,
+    MAX_PDU,
+    NODELAY,
+    DermpacsListener,
+    OrthancServer,
+    Receiver,
+    StoreSCP,
+    dcmtk,
+    exit_on_sigterm,
+    flush_redis,
+    redis_available,
+    redis_url,
+    wait_until,
+)
+
+# Targets of issue 7: ahead of Orthanc, at least half of tuned storescp.
+TARGET_VS_STORESCP = 0.5
+
+
+@dataclass(frozen=True)
+class Burst:
+    """One kind of burst: which photos, how many, over how many associations."""
+
+    kind: str  # "camera" or "native"
+    size: str  # a key of inputs.SIZES
+    photos: int
+    associations: int
+
+    @property
+    def label(self) -> str:
+        what = {"camera": "JPEG (img2dcm)", "native": "uncompressed RGB"}[self.kind]
+        size = inputs.SIZES[self.size]
+        return (
+            f"{size.columns}x{size.rows} {what}, {self.photos} photos, "
+            f"{self.associations} association{'s' if self.associations > 1 else ''}"
+        )
+
+    @property
+    def syntax_option(self) -> list[str]:
+        # storescu proposes uncompressed syntaxes unless told; -xy: JPEG Baseline (FIELD-NOTES).
+        return ["-xy"] if self.kind == "camera" else []
+
+
+def default_bursts(*, short: bool) -> list[Burst]:
+    if short:
+        return [
+            Burst("camera", "1mp", 4, 1),
+            Burst("camera", "1mp", 4, 2),
+            Burst("native", "vga", 6, 1),
+            Burst("native", "vga", 6, 2),
+        ]
+    return [
+        Burst("camera", "12mp", 40, 1),
+        Burst("camera", "12mp", 40, 4),
+        Burst("native", "vga", 200, 1),
+        Burst("native", "vga", 200, 4),
+    ]
+
+
+def storescu_argv(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> list[str]:
+    return [
+        dcmtk("storescu"),
+        "-aec",
+        receiver.ae_title,
+        "-aet",
+        "CAMERA",
+        "--max-pdu",
+        str(MAX_PDU),
+        *burst.syntax_option,
+        LOOPBACK,
+        str(receiver.port),
+        *[str(f) for f in files],
+    ]
+
+
+def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> float:
+    """Send ``files`` over ``burst.associations`` concurrent storescu processes; seconds taken.
+
+    Raises
+    ------
+    RuntimeError
+        A storescu failed, or the receiver did not store every photo.
+    """
+    groups = [list(files[i :: burst.associations]) for i in range(burst.associations)]
+    before = receiver.stored_count()
+    env = {**os.environ, **NODELAY}
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            storescu_argv(receiver, burst, group),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for group in groups
+        if group
+    ]
+    outputs = [sender.communicate(timeout=600)[0] for sender in senders]
+    elapsed = time.perf_counter() - started
+    for sender, output in zip(senders, outputs, strict=True):
+        text = output.decode(errors="replace")
+        if sender.returncode != 0 or "Failed" in text or "Error" in text:
+            raise RuntimeError(
+                f"storescu to {receiver.name} failed ({sender.returncode}): {text[-2000:]}"
+            )
+    expected = before + len(files)
+    try:
+        # dermpacs and storescp have the file before they answer; this only waits for the
+        # directory listing, not for work done after the response.
+        wait_until(
+            lambda: receiver.stored_count() >= expected,
+            timeout=30,
+            what=f"{receiver.name} to hold {expected} objects",
+        )
+    except TimeoutError as exc:
+        raise RuntimeError(f"{exc} (has {receiver.stored_count()})") from exc
+    return elapsed
+
+
+@dataclass
+class BurstResult:
+    burst: Burst
+    receiver: str
+    seconds: list[float]
+
+    @property
+    def photos_per_second(self) -> list[float]:
+        return [self.burst.photos / s for s in self.seconds]
+
+    def summary(self) -> dict[str, Any]:
+        rates = self.photos_per_second
+        return {
+            "receiver": self.receiver,
+            "burst": asdict(self.burst),
+            "label": self.burst.label,
+            "seconds": [round(s, 4) for s in self.seconds],
+            "photos_per_second_median": round(statistics.median(rates), 2),
+            "photos_per_second_min": round(min(rates), 2),
+            "photos_per_second_max": round(max(rates), 2),
+        }
+
+
+def run_receive(
+    *,
+    short: bool = False,
+    repeats: int | None = None,
+    bursts: Sequence[Burst] | None = None,
+    workdir: Path | None = None,
+    profile: bool = False,
+) -> dict[str, Any]:
+    """Run the receive benchmark; returns a JSON-ready result."""
+    if not redis_available():
+        raise RuntimeError(
+            f"Redis does not answer at {redis_url()}: the dermpacs listener publishes tasks to it"
+        )
+    bursts = list(bursts or default_bursts(short=short))
+    repeats = repeats or (1 if short else 3)
+    model = choose_model()
+    own_dir = workdir is None
+    root = Path(workdir or tempfile.mkdtemp(prefix="dermpacs-bench-receive-"))
+    started = time.time()
+    templates = {(b.kind, b.size): inputs.input_file(b.kind, b.size) for b in bursts}
+    flush_redis()
+    receivers: list[Receiver] = [
+        DermpacsListener(root / "dermpacs", model=model.section, broker_url=redis_url()),
+        StoreSCP(root / "storescp"),
+        OrthancServer(root / "orthanc"),
+    ]
+    results: dict[tuple[int, str], BurstResult] = {}
+    profiles: list[str] = []
+    try:
+        for receiver in receivers:
+            receiver.start()
+        for index, burst in enumerate(bursts):
+            for repeat in range(repeats):
+                for turn in range(len(receivers)):
+                    # rotate who goes first, so no receiver always meets a warm or cold cache
+                    receiver = receivers[(turn + repeat) % len(receivers)]
+                    files = inputs.unique_copies(
+                        templates[(burst.kind, burst.size)],
+                        root / "send" / f"{index}-{repeat}-{receiver.name}",
+                        burst.photos,
+                    )
+                    os.sync()  # the copies' own writeback must not land in the timed window
+                    if profile and receiver.name == "dermpacs" and repeat == 0:
+                        profiles.append(_profiled_burst(receiver, burst, files, root, index))
+                        files = inputs.unique_copies(
+                            templates[(burst.kind, burst.size)],
+                            root / "send" / f"{index}-{repeat}-{receiver.name}-timed",
+                            burst.photos,
+                        )
+                        os.sync()
+                    seconds = send_burst(receiver, burst, files)
+                    results.setdefault(
+                        (index, receiver.name), BurstResult(burst, receiver.name, [])
+                    ).seconds.append(seconds)
+                    shutil.rmtree(files[0].parent, ignore_errors=True)
+    finally:
+        logs = {r.name: r.logs()[-1500:] for r in receivers}
+        for receiver in receivers:
+            receiver.stop()
+        flush_redis()
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    rows = []
+    for index, burst in enumerate(bursts):
+        by_name = {
+            name: results[(index, name)].summary() for name in ("dermpacs", "storescp", "orthanc")
+        }
+        dermpacs = by_name["dermpacs"]["photos_per_second_median"]
+        storescp = by_name["storescp"]["photos_per_second_median"]
+        orthanc = by_name["orthanc"]["photos_per_second_median"]
+        rows.append(
+            {
+                "label": burst.label,
+                "burst": asdict(burst),
+                "receivers": by_name,
+                "dermpacs_vs_storescp": round(dermpacs / storescp, 3),
+                "dermpacs_vs_orthanc": round(dermpacs / orthanc, 3),
+                "meets_target": dermpacs > orthanc and dermpacs >= TARGET_VS_STORESCP * storescp,
+            }
+        )
+    return {
+        "benchmark": "receive",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "repeats": repeats,
+        "short": short,
+        "model": model.description,
+        "inputs": {
+            f"{kind}-{size}": inputs.describe_file(path) for (kind, size), path in templates.items()
+        },
+        "receivers": {r.name: r.description for r in receivers},
+        "rows": rows,
+        "profiles": profiles,
+        "log_tails": logs if any(not row["meets_target"] for row in rows) else {},
+        "machine": machine_facts(),
+    }
+
+
+def _profiled_burst(
+    receiver: Receiver, burst: Burst, files: Sequence[Path], root: Path, index: int
+) -> str:
+    """Send one burst while py-spy samples the listener; returns the flame graph's path."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = root.parent / f"dermpacs-receive-profile-{index}-{burst.kind}-{burst.associations}.txt"
+    pid = receiver.processes[0].pid
+    sampler = subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    send_burst(receiver, burst, files)
+    sampler.terminate()
+    sampler.wait(30)
+    return str(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--short", action="store_true", help="a handful of small photos")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--photos", type=int, default=None, help="photos per burst")
+    parser.add_argument("--profile", action="store_true", help="py-spy the dermpacs listener")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    args = parser.parse_args(argv)
+    exit_on_sigterm()
+    bursts = default_bursts(short=args.short)
+    if args.photos:
+        bursts = [Burst(b.kind, b.size, args.photos, b.associations) for b in bursts]
+    result = run_receive(
+        short=args.short, repeats=args.repeats, bursts=bursts, profile=args.profile
+    )
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
