@@ -55,12 +55,18 @@ step "$LOG" synth-test dermpacs synth --out "$DATA/test" --count "$TEST_COUNT" \
   --seed "$TEST_SEED" --size "$SIZE" --workers "$WORKERS" --no-progress
 
 # The two networks train at the same time on the same GPU: neither keeps it busy alone.
+# CLASSIFIER_WEIGHTS=FILE reuses a classifier trained on the same set instead.
 CLS_LOG="$DATA/classifier.log"
 : >"$CLS_LOG"
-step "$CLS_LOG" train-classifier dermpacs train classifier --data "$DATA/train" \
+if [ -n "${CLASSIFIER_WEIGHTS:-}" ]; then
+  echo "== classifier: reusing $CLASSIFIER_WEIGHTS" | tee -a "$CLS_LOG"
+  cp "$CLASSIFIER_WEIGHTS" "$DATA/classifier.safetensors"
+  true &
+else step "$CLS_LOG" train-classifier dermpacs train classifier --data "$DATA/train" \
   --out "$DATA/classifier.safetensors" --epochs "$CLS_EPOCHS" --batch-size "$CLS_BATCH" \
   --seed "$TRAIN_SEED" --time-limit "$CLS_TIME" --workers "$((WORKERS / 2))" \
   --version "$VERSION" --no-progress >/dev/null &
+fi
 CLS_PID=$!
 step "$LOG" train-segmentation dermpacs train segmentation --data "$DATA/train" \
   --out "$DATA/segmentation.safetensors" --epochs "$SEG_EPOCHS" --batch-size "$SEG_BATCH" \

@@ -112,9 +112,16 @@ def test_mask_values_and_size_are_checked(tmp_path):
 # --------------------------------------------------------------------------- pieces
 def test_learning_rate_warms_up_then_decays_to_zero():
     rates = [learning_rate_at(s, 10, 5, 1e-3) for s in range(50)]
-    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    # two warm-up epochs of ten steps
+    assert rates[0] == pytest.approx(5e-5) and rates[19] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(rates[:19], rates[1:20], strict=True))
+    assert all(a >= b for a, b in zip(rates[19:], rates[20:], strict=False))
     assert rates[-1] < 1e-5
+    # a shorter plan decided after the warm-up keeps the warm-up unchanged
+    shorter = [learning_rate_at(s, 10, 3, 1e-3) for s in range(20)]
+    assert shorter == rates[:20]
+    # a two-epoch run warms up over one epoch
+    assert learning_rate_at(9, 10, 2, 1e-3) == pytest.approx(1e-3)
 
 
 def test_augmentation_is_seeded_keeps_labels_and_padding():
@@ -266,3 +273,12 @@ def test_cli_trains(tiny_set, tmp_path):
     assert main(["train", "classifier", "--data", str(tiny_set), "--out", str(out),
                  "--network", "[1]"]) == 2  # fmt: skip
     assert math.isfinite(load_weights(out)[1].provenance["last_epoch"]["loss"])
+
+
+@pytest.mark.slow
+def test_time_limit_shortens_the_run_after_the_warm_up(tiny_set, tmp_path):
+    result = train_segmentation(
+        _options(tiny_set, tmp_path, "segmentation", epochs=6, time_limit=0.001)
+    )
+    assert result.epochs_run == 2  # the two warm-up epochs always run
+    assert result.metadata.provenance["epochs"] == 2

@@ -137,9 +137,13 @@ def _split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+WARMUP_EPOCHS = 2
+
+
 def learning_rate_at(step: int, steps_per_epoch: int, epochs: int, peak: float) -> float:
-    """Linear warm-up over the first epoch, then cosine decay to zero at the last step."""
-    warmup = max(1, steps_per_epoch)
+    """Linear warm-up over the first two epochs (one when the run has two), then cosine decay
+    to zero at the last step."""
+    warmup = max(1, steps_per_epoch * max(1, min(WARMUP_EPOCHS, epochs - 1)))
     total = max(warmup + 1, steps_per_epoch * epochs)
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -516,9 +520,13 @@ def _fit(
         history.append(record)
         log.info("%s epoch %d/%d: %s", options.task, epoch + 1, planned, record)
         epoch += 1
-        if options.time_limit and epoch == start_epoch + 1 and epoch < planned:
-            per_epoch = time.perf_counter() - started
-            fits = int((options.time_limit - per_epoch) // (per_epoch * 1.02)) + epoch
+        # Re-plan after the second epoch: the first one carries the GPU's warm-up (kernel
+        # selection, allocator), and both are warm-up epochs of every plan of 3 or more epochs,
+        # so a shortened run equals one planned with its length from the start.
+        if options.time_limit and epoch == start_epoch + 2 and epoch < planned:
+            per_epoch = time.perf_counter() - epoch_started
+            remaining = options.time_limit - (time.perf_counter() - started)
+            fits = int(remaining // (per_epoch * 1.03)) + epoch
             if fits < planned:
                 log.warning(
                     "time limit %.0f s: %d epochs fit (%.1f s each), not %d; schedule re-planned",
