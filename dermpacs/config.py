@@ -6,13 +6,14 @@ ill-typed key stops start-up with an error that names the key.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "DERMPACS__"
 CONFIG_ENV = "DERMPACS_CONFIG"
@@ -32,6 +33,16 @@ class ListenerSettings(_Section):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    # Refuse associations addressed to another AE title (PS3.8 7.1.1.4).
+    require_called_aet: bool = True
+    # IP addresses or networks (CIDR) allowed to connect; empty: any. Checked on connect.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # DICOM over TLS (PS3.15 B.1) on a second port beside the plain one; 0: none.
+    tls_port: int = Field(0, ge=0, le=65535)
+    tls_only: bool = False  # no plain port: only tls_port listens
+    tls_certificate: str = ""  # PEM certificate chain of the listener
+    tls_private_key: str = ""  # PEM private key (a file; never in this configuration)
+    tls_ca_certificates: str = ""  # set: callers must present a certificate signed by these
 
     @field_validator("ae_title")
     @classmethod
@@ -40,10 +51,32 @@ class ListenerSettings(_Section):
             raise ValueError("an AE title has 1 to 16 characters (PS3.5 6.2)")
         return value
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an IP address or network") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ListenerSettings:
+        if self.tls_port and not (self.tls_certificate and self.tls_private_key):
+            raise ValueError("tls_port needs tls_certificate and tls_private_key")
+        if self.tls_only and not self.tls_port:
+            raise ValueError("tls_only needs tls_port")
+        return self
+
 
 class BrokerSettings(_Section):
     url: str = ""  # empty: the embedded broker under storage.root
-    visibility_timeout: int = Field(3600, ge=60)
+    visibility_timeout: int = Field(3600, ge=5)
+    password_file: str = ""  # a file holding the Redis password (put into the URL at start)
+    tls_ca_certificates: str = ""  # rediss://: CA bundle that signed the Redis certificate
+    tls_certificate: str = ""  # rediss://: our client certificate, when Redis asks for one
+    tls_private_key: str = ""
 
 
 class StorageSettings(_Section):
@@ -75,6 +108,9 @@ class QueuesSettings(_Section):
 
 class JobsSettings(_Section):
     reconcile_interval: float = Field(30.0, gt=0)  # seconds between reconciler passes
+    # A job (or delivery) whose holder has not renewed it for this long is taken over; holders
+    # renew every third of it while they work.
+    lease_timeout: float = Field(60.0, ge=1)
     received_grace: float = Field(60.0, ge=0)  # a received job this old never reached the broker
     dispatch_grace: float = Field(300.0, ge=0)  # a due delivery this overdue lost its message
 
@@ -90,10 +126,14 @@ class DispatchSettings(_Section):
 
 class DatabaseSettings(_Section):
     url: str = ""  # empty: SQLite under storage.root
+    password_file: str = ""  # a file holding the database password (put into the URL)
 
 
 class IntakeSettings(_Section):
     max_megapixels: float = Field(60.0, gt=0)
+    # Refused and unprocessable photos are kept under storage.root/quarantine with the
+    # reason, up to this much; 0 keeps none.
+    quarantine_max_mb: int = Field(1024, ge=0)
 
 
 class ModelSettings(_Section):
@@ -139,6 +179,12 @@ class Destination(_Section):
     port: int = Field(4242, ge=0, le=65535)
     path: str = ""  # for kind = "folder"; relative paths are under storage.root
     objects: list[ResultObject] = Field(default_factory=lambda: list(ALL_RESULT_OBJECTS))
+    # kind = "dicom": DICOM over TLS (PS3.15 B.1); the peer's certificate is checked against
+    # tls_ca_certificates (the system's CAs when empty) and host.
+    tls: bool = False
+    tls_ca_certificates: str = ""
+    tls_certificate: str = ""  # our client certificate, for peers that ask for one
+    tls_private_key: str = ""
 
 
 AdminRole = Literal["read", "admin"]
