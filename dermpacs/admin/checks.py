@@ -190,11 +190,10 @@ def check_job_store(store: JobStore) -> str | None:
 
 def check_broker(settings: Settings) -> str | None:
     """None when the broker accepts a connection, else why not."""
-    from workers.app import app, configure
+    from dermpacs.admin.queues import inspection_app
 
     try:
-        configure(settings)
-        with app.connection_for_read() as connection:
+        with inspection_app(settings) as app, app.connection_for_read() as connection:
             connection.ensure_connection(max_retries=1, timeout=settings.admin.echo_timeout)
             connection.default_channel  # noqa: B018 (opening a channel is the check)
     except Exception as exc:

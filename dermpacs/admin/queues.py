@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from celery import Celery
 from sqlalchemy import func, select
 
 from dermpacs.config import Settings
@@ -147,6 +150,23 @@ def _as_utc(value: Any) -> datetime | None:
     return value
 
 
+@contextmanager
+def inspection_app(settings: Settings) -> Iterator[Celery]:
+    """A Celery app of its own, configured like the workers', for looking at the broker.
+
+    Not the workers' module-level app: its connection and producer pools outlive a change of
+    configuration, and looking must not change what publishing uses.
+    """
+    from workers.app import celery_config
+
+    app = Celery("dermpacs-admin", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    try:
+        yield app
+    finally:
+        app.close()
+
+
 def broker_depths(settings: Settings, names: list[str]) -> tuple[dict[str, int], str | None]:
     """Messages waiting on the broker per queue, through kombu (Redis lists, SQL rows).
 
@@ -154,12 +174,9 @@ def broker_depths(settings: Settings, names: list[str]) -> tuple[dict[str, int],
     """
     from kombu.exceptions import ChannelError
 
-    from workers.app import app, configure
-
-    configure(settings)
     depths: dict[str, int] = {}
     try:
-        with app.connection_for_read() as connection:
+        with inspection_app(settings) as app, app.connection_for_read() as connection:
             connection.ensure_connection(max_retries=1, timeout=settings.admin.echo_timeout)
             channel = connection.default_channel
             for name in names:
@@ -212,13 +229,15 @@ def queue_consumers(settings: Settings, names: list[str]) -> dict[str, list[str]
     None for the embedded broker (it cannot broadcast between processes) or when the broker
     cannot be reached.
     """
-    from workers.app import app, configure, uses_embedded_broker
+    from workers.app import uses_embedded_broker
 
     if uses_embedded_broker(settings):
         return None
-    configure(settings)
     try:
-        answers = app.control.inspect(timeout=settings.admin.inspect_timeout).active_queues()
+        with inspection_app(settings) as app, app.connection_for_write() as connection:
+            answers = app.control.inspect(
+                timeout=settings.admin.inspect_timeout, connection=connection
+            ).active_queues()
     except Exception as exc:
         logger.warning("workers could not be asked for their queues: %s", exc)
         return None
