@@ -38,7 +38,14 @@ TIME_LIMITS = {"receive": 1200, "inference": 1500, "end_to_end": 3000}
 SHORT_TIME_LIMITS = {"receive": 120, "inference": 180, "end_to_end": 180}
 
 
-def run_part(part: str, *, short: bool, limit: float, extra: Sequence[str] = ()) -> dict[str, Any]:
+def run_part(
+    part: str,
+    *,
+    short: bool,
+    limit: float,
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run ``python -m bench.<part>`` with a time limit; its JSON result, or an error record."""
     with tempfile.NamedTemporaryFile(prefix=f"bench-{part}-", suffix=".json") as out:
         argv = [sys.executable, "-m", f"bench.{part}", "--out", out.name, *extra]
@@ -52,6 +59,7 @@ def run_part(part: str, *, short: bool, limit: float, extra: Sequence[str] = ())
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         try:
             _, errors = process.communicate(timeout=limit)
@@ -95,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--e2e-budget", type=float, default=None, help="seconds allowed to drain the backlog"
     )
+    parser.add_argument(
+        "--e2e-model",
+        choices=["auto", "shipped", "untrained"],
+        default=None,
+        help="networks for the end-to-end part only (default: as the other parts, "
+        "DERMPACS_BENCH_MODEL or auto)",
+    )
     args = parser.parse_args(argv)
     parts = [p for p in args.only.split(",") if p] or list(PARTS)
     unknown = [p for p in parts if p not in PARTS]
@@ -111,14 +126,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for part in parts:
         extra: list[str] = []
+        env: dict[str, str] = {}
         if part == "end_to_end":
+            if args.e2e_model:
+                env["DERMPACS_BENCH_MODEL"] = args.e2e_model
             if args.e2e_backlog:
                 extra += ["--backlog", str(args.e2e_backlog)]
             if args.e2e_budget:
                 extra += ["--backlog-budget", str(args.e2e_budget)]
         print(f"bench: {part} ...", flush=True)
         part_started = time.time()
-        results["parts"][part] = run_part(part, short=args.short, limit=limits[part], extra=extra)
+        results["parts"][part] = run_part(
+            part, short=args.short, limit=limits[part], extra=extra, env=env
+        )
         state = results["parts"][part].get("error", "done")
         print(f"bench: {part} {state} in {time.time() - part_started:.0f} s", flush=True)
     gpu = latest_gpu_result()

@@ -69,9 +69,13 @@ def reduced_target_long_side(analyser: Any, rows: int, columns: int) -> int:
 
 
 def analyse_file(
-    analyser: Any, data: bytes, *, reduced: bool, build: bool
+    analyser: Any, data: bytes, *, reduced: bool, build: bool, errors: list[str] | None = None
 ) -> tuple[dict[str, float], Any, Any]:
-    """Decode and analyse one DICOM photo; stage times (ms), the analysis, the decoded photo."""
+    """Decode and analyse one DICOM photo; stage times (ms), the analysis, the decoded photo.
+
+    A failure to build the result objects is appended to ``errors`` (when given) instead of
+    raised, so that the method's own timings are still reported.
+    """
     from dermpacs.imaging.decode import parse_dicom_file, read_photograph, read_photograph_scaled
 
     times: dict[str, float] = {}
@@ -94,18 +98,58 @@ def analyse_file(
         times[stage if stage != "total" else "analyse_total"] = value
     times["method_total"] = (time.perf_counter() - started) * 1000
     if build and not reduced:
-        from dermpacs.imaging.results import build_results
+        try:
+            times.update(build_and_write(source, photo.rgb, analysis, analyser))
+        except ValueError as exc:  # ResultBuildError, UnknownCodeError
+            if errors is None:
+                raise
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return times, analysis, photo
 
+
+def build_and_write(source: Any, rgb: np.ndarray, analysis: Any, analyser: Any) -> dict[str, float]:
+    """Build SEG, SR and overlay as the worker does, and write them (fsync) to a temp folder;
+    milliseconds for each builder, the three together, and the write."""
+    from dermpacs.imaging import results
+    from dermpacs.processing import write_result_objects
+
+    times: dict[str, float] = {}
+    originals = {
+        name: getattr(results, name)
+        for name in ("build_segmentation", "build_report", "build_overlay")
+    }
+
+    def timed(name: str, function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            mark = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                times[f"build_{name.removeprefix('build_')}"] = (time.perf_counter() - mark) * 1000
+
+        return call
+
+    for name, function in originals.items():
+        setattr(results, name, timed(name, function))
+    try:
         mark = time.perf_counter()
-        build_results(
+        objects = results.build_results(
             source,
-            photo.rgb,
+            rgb,
             analysis,
             algorithm_version=analyser.model_version,
             class_names=list(analyser.classes),
         )
         times["results_seg_sr_overlay"] = (time.perf_counter() - mark) * 1000
-    return times, analysis, photo
+    finally:
+        for name, function in originals.items():
+            setattr(results, name, function)
+    with tempfile.TemporaryDirectory(prefix="dermpacs-bench-results-") as folder:
+        mark = time.perf_counter()
+        write_result_objects(objects.as_dict(), Path(folder))
+        times["write_results_fsync"] = (time.perf_counter() - mark) * 1000
+        times["results_bytes"] = float(sum(p.stat().st_size for p in Path(folder).iterdir()))
+    return times
 
 
 def median_times(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -223,7 +267,11 @@ def worker_rss(size: str, *, reduced: bool, backend: str) -> dict[str, Any]:
         analyser = onnx_analyser(analyser, folder)
     data = inputs.input_file("camera", size).read_bytes()
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    samples = [analyse_file(analyser, data, reduced=reduced, build=True)[0] for _ in range(2)]
+    errors: list[str] = []
+    samples = [
+        analyse_file(analyser, data, reduced=reduced, build=True, errors=errors)[0]
+        for _ in range(2)
+    ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "size": size,
@@ -265,7 +313,7 @@ def numpy_peak(analyser: Any, data: bytes, *, reduced: bool) -> float:
 
     tracemalloc.start()
     try:
-        analyse_file(analyser, data, reduced=reduced, build=not reduced)
+        analyse_file(analyser, data, reduced=reduced, build=not reduced, errors=[])
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -309,9 +357,10 @@ def run_inference(
                 reduced = decode == "reduced"
                 analyse_file(analyser, data, reduced=reduced, build=False)  # warm-up
                 samples = []
+                errors: list[str] = []
                 for _ in range(repeats):
                     times, analysis, photo = analyse_file(
-                        analyser, data, reduced=reduced, build=True
+                        analyser, data, reduced=reduced, build=True, errors=errors
                     )
                     samples.append(times)
                 analyses[(backend, decode)] = analysis
@@ -327,6 +376,7 @@ def run_inference(
                         "whole_image_fallback": analysis.whole_image_fallback,
                         "ms": median_times(samples),
                         "ms_min": min_times(samples),
+                        "results_error": errors[0] if errors else None,
                     }
                 )
         photo_rgb = _full_rgb(data)

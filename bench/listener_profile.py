@@ -9,7 +9,12 @@ PDUs (and the response going back), plus waiting for the GIL that the publisher 
 
 Nothing is changed in dermpacs: the wrappers are installed on the objects of this process.
 
-Run: ``python -m bench.listener_profile --kind native --size vga --photos 150``.
+``--variants`` also runs what-if experiments (a step removed, to measure its cost) and the bare
+pynetdicom floor (a handler that only writes the bytes), taking turns so that machine noise
+hits all alike.
+
+Run: ``python -m bench.listener_profile --kind native --size vga --photos 150``, or
+``--variants as-is,no-find,no-mark-queued,no-find-no-mark,bare-pynetdicom-fsync --repeats 3``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,7 +36,16 @@ from typing import Any
 
 from bench import inputs
 from bench.models import choose_model
-from bench.services import LOOPBACK, MAX_PDU, NODELAY, dcmtk, flush_redis, free_port, redis_url
+from bench.services import (
+    LOOPBACK,
+    MAX_PDU,
+    NODELAY,
+    dcmtk,
+    exit_on_sigterm,
+    flush_redis,
+    free_port,
+    redis_url,
+)
 
 
 class StepTimes:
@@ -64,10 +79,32 @@ class StepTimes:
         }
 
 
+VARIANTS = {
+    "as-is": "the listener as it is",
+    "no-find": "what-if: without the job-store look-up before spooling (duplicates are still "
+    "caught by the job row's unique key)",
+    "no-mark-queued": "what-if: the publisher does not commit 'queued' (upper bound of making "
+    "that commit cheaper or batched)",
+    "no-find-no-mark": "what-if: both of the above",
+}
+
+
 def profile_listener(
-    kind: str, size: str, photos: int, associations: int = 1, *, max_pdu_size: int = 0
+    kind: str,
+    size: str,
+    photos: int,
+    associations: int = 1,
+    *,
+    max_pdu_size: int = 0,
+    variant: str = "as-is",
 ) -> dict[str, Any]:
-    """Send ``photos`` to an instrumented in-process listener; the time of each step."""
+    """Send ``photos`` to an instrumented in-process listener; the time of each step.
+
+    ``variant`` other than ``as-is`` removes one step, to measure what it costs: these are
+    experiments for the listener's owner, not configurations of the service.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
     from dermpacs.commands.listen import quiet_libraries
     from dermpacs.config import Settings
     from dermpacs.intake import listener as listener_module
@@ -115,6 +152,10 @@ def profile_listener(
         store.mark_queued = times.wrap(  # type: ignore[method-assign]
             "mark queued commit (publisher thread)", store.mark_queued
         )
+        if variant in ("no-find", "no-find-no-mark"):
+            store.find = lambda *_args, **_kwargs: None  # type: ignore[method-assign]
+        if variant in ("no-mark-queued", "no-find-no-mark"):
+            store.mark_queued = lambda job_ids, **_kwargs: len(list(job_ids))  # type: ignore[method-assign]
         spool.spool_received_instance = times.wrap(  # type: ignore[method-assign]
             "spool write + fsync + rename + dir fsync", spool.spool_received_instance
         )
@@ -122,11 +163,13 @@ def profile_listener(
 
         def handle_store(event: Any) -> Any:
             started = time.perf_counter()
-            event.encoded_dataset(include_meta=True)  # cached by pynetdicom for the handler
+            encoded = event.encoded_dataset(include_meta=True)
             with times._lock:
                 times.samples["read received data set (encoded_dataset)"].append(
                     (time.perf_counter() - started) * 1000.0
                 )
+            # the handler's own call gets these bytes (pynetdicom copies them on every call)
+            event.encoded_dataset = lambda include_meta=True: encoded
             return handle(event)
 
         listener.handle_store = times.wrap("whole C-STORE handler", handle_store)  # type: ignore[method-assign]
@@ -166,6 +209,8 @@ def profile_listener(
         "size": size,
         "photos": photos,
         "associations": associations,
+        "variant": variant,
+        "variant_description": VARIANTS[variant],
         "listener_max_pdu_size": max_pdu_size,
         "storescu_exit_codes": codes,
         "wall_s": round(wall, 3),
@@ -177,6 +222,88 @@ def profile_listener(
     }
 
 
+def profile_bare_pynetdicom(
+    kind: str, size: str, photos: int, associations: int = 1, *, durable: bool = True
+) -> dict[str, Any]:
+    """The floor under any pynetdicom listener: a handler that only writes the received bytes
+    (with fsync and a folder fsync when ``durable``) and answers success."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dermpacs.imaging.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, PHOTO_SOP_CLASSES
+
+    root = Path(tempfile.mkdtemp(prefix="dermpacs-bench-bare-"))
+    store_dir = root / "store"
+    store_dir.mkdir()
+    times = StepTimes()
+
+    def handle(event: Any) -> int:
+        data = event.encoded_dataset(include_meta=True)
+        target = store_dir / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        with open(target, "wb") as handle_:
+            handle_.write(data)
+            if durable:
+                handle_.flush()
+                os.fsync(handle_.fileno())
+        if durable:
+            folder = os.open(store_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        return 0x0000
+
+    ae = AE(ae_title="BARE")
+    ae.maximum_pdu_size = 0
+    ae.add_supported_context(Verification)
+    for sop_class in PHOTO_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+    port = free_port()
+    server = ae.start_server(
+        (LOOPBACK, port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, times.wrap("whole C-STORE handler", handle))],
+    )
+    try:
+        files = inputs.unique_copies(inputs.input_file(kind, size), root / "send", photos)
+        os.sync()
+        groups = [files[i::associations] for i in range(associations)]
+        argv = [dcmtk("storescu"), "-aec", "BARE", "-aet", "CAMERA", "--max-pdu", str(MAX_PDU)]
+        if kind == "camera":
+            argv.append("-xy")
+        cpu_before = os.times()
+        started = time.perf_counter()
+        senders = [
+            subprocess.Popen(
+                [*argv, LOOPBACK, str(port), *map(str, group)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, **NODELAY},
+            )
+            for group in groups
+        ]
+        codes = [s.wait(600) for s in senders]
+        wall = time.perf_counter() - started
+        cpu_after = os.times()
+    finally:
+        server.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+    return {
+        "kind": kind,
+        "size": size,
+        "photos": photos,
+        "associations": associations,
+        "variant": "bare-pynetdicom" + ("-fsync" if durable else "-no-fsync"),
+        "storescu_exit_codes": codes,
+        "wall_s": round(wall, 3),
+        "photos_per_second": round(photos / wall, 2),
+        "listener_process_cpu_s": round(cpu, 3),
+        "ms_per_photo": round(wall * 1000 / photos, 2),
+        "steps": times.summary(),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=["camera", "native"], default="native")
@@ -184,11 +311,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=100)
     parser.add_argument("--associations", type=int, default=1)
     parser.add_argument("--max-pdu", type=int, default=0, help="listener.max_pdu_size")
-    args = parser.parse_args(argv)
-    result = profile_listener(
-        args.kind, args.size, args.photos, args.associations, max_pdu_size=args.max_pdu
+    parser.add_argument(
+        "--variants",
+        default="as-is",
+        help=f"comma-separated, taking turns {{--repeats}} times: {', '.join(VARIANTS)}, "
+        "bare-pynetdicom-fsync, bare-pynetdicom-no-fsync",
     )
-    print(json.dumps(result, indent=2))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    exit_on_sigterm()
+    results = []
+    for _ in range(args.repeats):
+        for variant in [v for v in args.variants.split(",") if v]:
+            if variant.startswith("bare-pynetdicom"):
+                result = profile_bare_pynetdicom(
+                    args.kind,
+                    args.size,
+                    args.photos,
+                    args.associations,
+                    durable=variant.endswith("-fsync") and "no-fsync" not in variant,
+                )
+            else:
+                result = profile_listener(
+                    args.kind,
+                    args.size,
+                    args.photos,
+                    args.associations,
+                    max_pdu_size=args.max_pdu,
+                    variant=variant,
+                )
+            results.append(result)
+            print(
+                f"{variant:28s} {result['photos_per_second']:7.1f} photos/s "
+                f"{result['ms_per_photo']:6.1f} ms/photo, CPU "
+                f"{result['listener_process_cpu_s'] * 1000 / args.photos:5.1f} ms/photo",
+                file=sys.stderr,
+            )
+    text = json.dumps(results, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
     return 0
 
 

@@ -10,6 +10,7 @@ time) follow whatever the random segmentation answers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,17 @@ def shipped_weights_present() -> bool:
 
 
 def choose_model(cache: Path = CACHE) -> ModelChoice:
-    """The shipped reference weights when present, else untrained reference-architecture ones."""
-    if shipped_weights_present():
+    """The shipped reference weights when present, else untrained reference-architecture ones.
+
+    ``DERMPACS_BENCH_MODEL=untrained`` forces the untrained stand-ins (``shipped`` requires
+    the reference weights).
+    """
+    wanted = os.environ.get("DERMPACS_BENCH_MODEL", "auto")
+    if wanted not in ("auto", "shipped", "untrained"):
+        raise ValueError(f"DERMPACS_BENCH_MODEL must be auto, shipped or untrained, not {wanted!r}")
+    if wanted == "shipped" and not shipped_weights_present():
+        raise FileNotFoundError("DERMPACS_BENCH_MODEL=shipped but no reference weights ship")
+    if wanted != "untrained" and shipped_weights_present():
         from dermpacs.config import Settings
         from dermpacs.processing import model_version
 

@@ -147,6 +147,27 @@ def inference_section(result: Mapping[str, Any]) -> list[str]:
             ]
         )
     lines += _table(header, rows)
+    failures = sorted({r["results_error"] for r in result["rows"] if r.get("results_error")})
+    for failure in failures:
+        lines += [f"**Result objects could not be built:** {failure}", ""]
+    built = [r for r in result["rows"] if "build_segmentation" in r["ms"]]
+    if built:
+        lines += ["Result objects (eager rows, full decode), ms: ", ""]
+        lines += _table(
+            ["size", "SEG", "SR", "overlay", "write 3 files + fsync", "bytes written"],
+            [
+                [
+                    r["size"],
+                    f"{r['ms']['build_segmentation']:.0f}",
+                    f"{r['ms']['build_report']:.0f}",
+                    f"{r['ms']['build_overlay']:.0f}",
+                    f"{r['ms']['write_results_fsync']:.0f}",
+                    f"{r['ms']['results_bytes'] / 1e6:.1f} MB",
+                ]
+                for r in built
+                if r["backend"] == "eager"
+            ],
+        )
     target = result["target"]
     lines += [
         f"Target, whole method < {target['seconds']} s per {target['size']} photo: baseline "
@@ -259,8 +280,9 @@ def end_to_end_section(result: Mapping[str, Any]) -> list[str]:
         drain = (
             f"{backlog['drain_s']:.0f} s"
             if backlog["complete"]
-            else f"{backlog['delivered']} of {backlog['photos']} in budget; "
-            f"~{backlog['drain_s_extrapolated']} s extrapolated"
+            else f"{backlog['delivered']} of {backlog['photos']} in the "
+            f"{backlog.get('budget_s', 0):.0f} s budget; ~{backlog['drain_s_extrapolated']} s "
+            "extrapolated"
         )
         rows.append(
             [
