@@ -252,6 +252,27 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message names the key."""
 
 
+def read_secret_file(path: str, *, key: str) -> str:
+    """The secret in ``path`` (its first line, without the line end), for a ``*_file`` key.
+
+    Secrets (passwords) live in files readable by the service only, or in the environment,
+    never in the configuration file or the repository.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or its first line is empty; the message names ``key``.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            secret = handle.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+    if not secret:
+        raise ConfigError(f"{key}: {path} is empty")
+    return secret
+
+
 def _set_path(tree: dict[str, Any], keys: list[str], raw: str) -> None:
     node = tree
     for key in keys[:-1]:

@@ -11,7 +11,13 @@ job's receipt time, so processing a job again writes the same objects.
 
 Errors that the same input would raise again (a photo that cannot be read, results that
 cannot be built) fail the job at once; others (I/O, a model that cannot be loaded, a database
-hiccup) are retried with backoff up to ``queues.inference.max_attempts``.
+hiccup) are retried with backoff up to ``queues.inference.max_attempts``. A job that fails
+has its photo set aside in the quarantine with the reason (the job keeps pointing at it, so
+an admin retry still works). A job whose attempts keep killing the worker fails after
+``max_attempts`` claims instead of being redelivered forever.
+
+The worker renews its claim while it works (:class:`dermpacs.jobs.lease.LeaseRenewal`), so
+that another worker takes the job over ``jobs.lease_timeout`` after this one died.
 
 This module also holds the per-process singletons the worker needs (job store, analyser) and
 :func:`model_version`, which reads the version from the weights' headers without loading
@@ -31,9 +37,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dermpacs.config import ConfigError, Settings
+from dermpacs.inference.versioning import combined_model_version, weights_version
+from dermpacs.intake.quarantine import Quarantine, QuarantineRecord
+from dermpacs.jobs.lease import LeaseRenewal
 from dermpacs.jobs.models import JobState, ResultKind
 from dermpacs.jobs.outcome import StageOutcome, backoff_delay
-from dermpacs.jobs.store import ClaimStatus, JobStore, OutputRecord, UnknownJobError
+from dermpacs.jobs.store import (
+    ClaimStatus,
+    JobSnapshot,
+    JobStore,
+    OutputRecord,
+    UnknownJobError,
+)
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -43,9 +58,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESULTS_DIRNAME = "results"
-# The worker holding a job is given this much beyond the task time limit before another may
-# take it over (the hard time limit has killed the first by then).
-LEASE_MARGIN_SECONDS = 30.0
 # Where the reference weights ship (dermpacs.inference.pipeline.DEFAULT_WEIGHTS_DIR; kept here
 # so that reading the model version does not import torch).
 REFERENCE_WEIGHTS_DIR = Path(__file__).parent / "inference" / "weights"
@@ -94,11 +106,11 @@ def _file_version(path: Path, key: str) -> str:
         raise ConfigError(f"model.{key}: {path} is not a dermpacs weights file ({exc})") from exc
     if not isinstance(version, str) or not version or not isinstance(digest, str):
         raise ConfigError(f"model.{key}: {path} has no version or digest in its metadata")
-    return f"{version}+{digest[:12]}"
+    return weights_version(version, digest)
 
 
 def model_version(settings: Settings) -> str:
-    """The version the analyser will report (``seg-<v>+<sha12>/cls-<v>+<sha12>``).
+    """The version the analyser will report (:mod:`dermpacs.inference.versioning`).
 
     Read from the two weights files' safetensors headers, without loading tensors or torch.
     With the SOP Instance UID it is the idempotency key of a job.
@@ -106,13 +118,17 @@ def model_version(settings: Settings) -> str:
     Raises
     ------
     ConfigError
-        A weights file is missing or is not a dermpacs weights file.
+        A weights file is missing or is not a dermpacs weights file, or the combined version
+        is too long for DICOM.
     """
     segmentation, classifier = weights_paths(settings)
-    return (
-        f"seg-{_file_version(segmentation, 'segmentation_weights')}"
-        f"/cls-{_file_version(classifier, 'classifier_weights')}"
-    )
+    try:
+        return combined_model_version(
+            _file_version(segmentation, "segmentation_weights"),
+            _file_version(classifier, "classifier_weights"),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +241,42 @@ def _describe(exc: BaseException) -> str:
     return f"{prefix}: {exc}"
 
 
+def quarantine_failed_photo(
+    job: JobSnapshot, reason: str, settings: Settings, store: JobStore
+) -> Path | None:
+    """Set a failed job's photo aside in the quarantine with ``reason``.
+
+    The photo is hard-linked into the quarantine, the job is pointed at that copy, then the
+    spool file goes: at every moment some file holds the bytes and the job names one that
+    exists. Returns the quarantine path, or None when it was not kept (full, or missing).
+    """
+    source = Path(job.spool_path)
+    quarantine = Quarantine(
+        Path(settings.storage.root), max_bytes=settings.intake.quarantine_max_mb * 2**20
+    )
+    if source.parent.parent == quarantine.root:  # already there (a retried job)
+        return source
+    kept = quarantine.keep_file(
+        source,
+        QuarantineRecord(
+            stage="processing",
+            status=None,
+            reason=reason,
+            sop_instance_uid=job.sop_instance_uid,
+            sop_class_uid=job.sop_class_uid,
+            transfer_syntax_uid=job.transfer_syntax_uid,
+            calling_ae_title=job.calling_ae_title,
+            job_id=job.id,
+        ),
+    )
+    if kept is None:
+        return None
+    store.relocate_spool(job.id, str(kept))
+    source.unlink(missing_ok=True)
+    logger.info("job %d: photo kept as quarantine/%s/%s", job.id, kept.parent.name, kept.name)
+    return kept
+
+
 def build_job_results(
     job_id: int, spool_path: str, settings: Settings, analyser: Analyser, *, received: Any
 ) -> tuple[list[OutputRecord], str]:
@@ -276,9 +328,11 @@ def process_job(
     """
     store = store or shared_job_store(settings)
     policy = settings.queues.inference
-    lease = timedelta(seconds=policy.time_limit + LEASE_MARGIN_SECONDS)
+    lease_seconds = settings.jobs.lease_timeout
     try:
-        claim = store.claim_for_processing(job_id, lease=lease)
+        claim = store.claim_for_processing(
+            job_id, lease=timedelta(seconds=lease_seconds), max_attempts=policy.max_attempts
+        )
     except UnknownJobError:
         logger.warning("job %d: no such job in the job store; task dropped", job_id)
         return StageOutcome(job_id, JobState.FAILED)
@@ -286,15 +340,22 @@ def process_job(
         ready = claim.job.state is JobState.RESULTS_READY
         return StageOutcome(job_id, claim.job.state, publish_dispatch=ready)
     if claim.status is ClaimStatus.FAILED:
+        if claim.gave_up:
+            reason = claim.job.last_error or "attempts ran out"
+            logger.error("job %d failed: %s", job_id, reason)
+            quarantine_failed_photo(claim.job, reason, settings, store)
         return StageOutcome(job_id, JobState.FAILED)
     if claim.status is ClaimStatus.BUSY:
         return StageOutcome(job_id, JobState.PROCESSING, retry_in=claim.retry_after)
     job = claim.job
     try:
         analyser = analyser or shared_analyser(settings)
-        outputs, finding = build_job_results(
-            job_id, job.spool_path, settings, analyser, received=job.created_at
-        )
+        with LeaseRenewal(
+            lambda: store.renew_processing_lease(job_id), lease=lease_seconds, what=f"job {job_id}"
+        ):
+            outputs, finding = build_job_results(
+                job_id, job.spool_path, settings, analyser, received=job.created_at
+            )
     except FileNotFoundError as exc:
         state = store.record_processing_failure(
             job_id,
@@ -317,6 +378,7 @@ def process_job(
                 _describe(exc),
                 exc_info=not permanent,
             )
+            quarantine_failed_photo(job, _describe(exc), settings, store)
             return StageOutcome(job_id, state)
         delay = backoff_delay(job.attempts, base=policy.retry_delay, cap=policy.retry_delay_max)
         logger.warning(

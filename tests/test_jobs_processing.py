@@ -7,6 +7,8 @@ job store, and how failures are classified; not what the method finds.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -164,6 +166,14 @@ def test_a_photo_that_cannot_be_read_fails_at_once(settings, store, camera_photo
     assert outcome.state is JobState.FAILED and outcome.retry_in is None
     job = store.get(job_id).job
     assert job.attempts == 1 and job.last_error.startswith("PhotographError[")
+    # set aside with the reason; the job points at the kept copy, so a retry still works
+    kept = Path(job.spool_path)
+    assert kept.parent.parent == Path(settings.storage.root) / "quarantine"
+    assert kept.read_bytes() == data[: len(data) - 2000] and not broken.exists()
+    reason = json.loads(kept.with_suffix(".json").read_text())
+    assert reason["stage"] == "processing" and reason["job_id"] == job_id
+    assert reason["reason"] == job.last_error
+    assert reason["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
 
 
 def test_a_missing_spool_file_fails_the_job(settings, store, camera_photo, tmp_path):
@@ -193,7 +203,76 @@ def test_a_job_held_by_another_worker_is_deferred(settings, store, camera_photo)
     store.claim_for_processing(job_id, lease=timedelta(hours=1))
     outcome = process_job(job_id, settings, store=store)
     assert outcome.state is JobState.PROCESSING
-    assert outcome.retry_in is not None and outcome.retry_in > 600
+    # tried again when the holder's lease (jobs.lease_timeout) would have run out
+    assert outcome.retry_in is not None
+    assert settings.jobs.lease_timeout - 5 < outcome.retry_in <= settings.jobs.lease_timeout
+
+
+def age(store: JobStore, job_id: int, seconds: float) -> None:
+    """Make a job look unchanged for ``seconds`` (its holder stopped renewing)."""
+    from dermpacs.jobs.models import Job
+
+    with store._session() as session:
+        job = session.get(Job, job_id)
+        job.updated_at = job.updated_at - timedelta(seconds=seconds)
+        session.commit()
+
+
+def test_a_job_whose_holder_stopped_renewing_is_taken_over(settings, store, camera_photo):
+    job_id = spool(store, camera_photo, settings)
+    store.claim_for_processing(job_id, lease=timedelta(seconds=1))
+    age(store, job_id, settings.jobs.lease_timeout + 1)  # the holder died a lease ago
+    outcome = process_job(job_id, settings, store=store)
+    assert outcome.state is JobState.RESULTS_READY
+    detail = store.get(job_id)
+    assert detail.job.attempts == 2
+    assert any("taken over" in e.reason for e in detail.events)
+
+
+def test_the_holder_renews_its_lease_while_it_works(settings, store, camera_photo, monkeypatch):
+    import time
+
+    import dermpacs.processing as processing
+
+    job_id = spool(store, camera_photo, settings)
+    fast = settings.model_copy(deep=True)
+    fast.jobs.lease_timeout = 1.5  # renewed every 0.5 s
+    renewals = []
+    original_build = processing.build_job_results
+    original_renew = store.renew_processing_lease
+
+    def slow_build(*args, **kwargs):
+        time.sleep(2.0)  # longer than the lease: only renewals keep the job
+        busy = store.claim_for_processing(job_id, lease=timedelta(seconds=1.5))
+        assert busy.status.value == "busy"
+        return original_build(*args, **kwargs)
+
+    def counted_renew(job):
+        renewals.append(job)
+        return original_renew(job)
+
+    monkeypatch.setattr(processing, "build_job_results", slow_build)
+    monkeypatch.setattr(store, "renew_processing_lease", counted_renew)
+    outcome = process_job(job_id, fast, store=store)
+    assert outcome.state is JobState.RESULTS_READY
+    assert len(renewals) >= 3 and set(renewals) == {job_id}
+    assert store.get(job_id).job.attempts == 1
+
+
+def test_a_job_that_keeps_killing_its_worker_fails_instead_of_looping(
+    settings, store, camera_photo
+):
+    job_id = spool(store, camera_photo, settings)
+    for _ in range(settings.queues.inference.max_attempts):
+        # each attempt claims the job, then the worker dies: no outcome is recorded
+        claim = store.claim_for_processing(job_id, lease=timedelta(seconds=0), max_attempts=2)
+        assert claim.status.value == "claimed"
+    age(store, job_id, settings.jobs.lease_timeout + 1)
+    outcome = process_job(job_id, settings, store=store)
+    assert outcome.state is JobState.FAILED and outcome.retry_in is None
+    job = store.get(job_id).job
+    assert job.attempts == 2 and "without an outcome" in job.last_error
+    assert Path(job.spool_path).parent.parent == Path(settings.storage.root) / "quarantine"
 
 
 def test_a_task_for_an_unknown_job_is_dropped_with_a_warning(settings, store, caplog):

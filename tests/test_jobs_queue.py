@@ -46,7 +46,12 @@ def test_redis_gets_a_visibility_timeout_longer_than_any_task(tmp_path):
     settings = settings_at(tmp_path, broker={"url": "redis://127.0.0.1:6379/3"})
     config = celery_config(settings)
     assert config["broker_url"] == "redis://127.0.0.1:6379/3"
-    assert config["broker_transport_options"] == {"visibility_timeout": 3600}
+    assert config["broker_transport_options"] == {
+        "visibility_timeout": 3600,
+        "unacked_restore_interval": 60,
+        "unacked_restore_throttle": 1,
+    }
+    assert config["broker_use_ssl"] is None
     assert redelivery_grace(settings) is None
     too_short = settings_at(
         tmp_path,

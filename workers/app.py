@@ -1,10 +1,13 @@
 """The Celery app, configured from the dermpacs settings.
 
 Queues, routes, time limits and the broker come from the configuration (``[broker]``,
-``[queues.*]``); messages are JSON and carry a job id only. Tasks are acknowledged late and
+``[queues.*]``); messages are JSON and carry a job id only, and a worker refuses any other
+content type (a pickled message is never unpickled). Tasks are acknowledged late and
 rejected when their worker dies, so Redis redelivers them; a worker takes one message at a
 time. With ``broker.url`` empty the embedded broker (a SQLite file under ``storage.root``)
-is used, so that ``dermpacs serve`` needs no Redis.
+is used, so that ``dermpacs serve`` needs no Redis. The Redis password comes from
+``broker.password_file`` (or the URL in the environment), TLS from a ``rediss://`` URL with
+the ``broker.tls_*`` files.
 
 Call :func:`configure` with the settings before using the app (the ``dermpacs`` commands do).
 """
@@ -14,14 +17,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from celery import Celery, Task
 from kombu import Exchange, Queue
 
-from dermpacs.config import ConfigError, Settings, load_settings
+from dermpacs.config import ConfigError, Settings, load_settings, read_secret_file
 from dermpacs.jobs.outcome import StageOutcome
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,44 @@ def uses_embedded_broker(settings: Settings) -> bool:
     return not settings.broker.url
 
 
+def broker_url(settings: Settings) -> str:
+    """``broker.url`` with the password of ``broker.password_file`` put in (URL-quoted).
+
+    Raises
+    ------
+    ConfigError
+        The password file cannot be read.
+    """
+    url = settings.broker.url
+    if not url or not settings.broker.password_file:
+        return url
+    password = read_secret_file(settings.broker.password_file, key="broker.password_file")
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def broker_tls(settings: Settings) -> dict[str, Any] | None:
+    """redis-py TLS options for a ``rediss://`` broker (certificate and host name checked)."""
+    if not settings.broker.url.startswith("rediss://"):
+        return None
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+    broker = settings.broker
+    for option, value in (
+        ("ssl_ca_certs", broker.tls_ca_certificates),
+        ("ssl_certfile", broker.tls_certificate),
+        ("ssl_keyfile", broker.tls_private_key),
+    ):
+        if value:
+            options[option] = value
+    return options
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings``.
 
@@ -66,11 +109,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     inference, dispatch = settings.queues.inference, settings.queues.dispatch
     if inference.name == dispatch.name:
         raise ConfigError("queues.dispatch.name: must differ from queues.inference.name")
-    longest_hold = max(q.time_limit + q.retry_delay_max for q in (inference, dispatch))
+    # A task may be held as long as its time limit plus the longest countdown a retry asks
+    # for: a retry delay, or the rest of another worker's lease.
+    longest_hold = max(
+        q.time_limit + max(q.retry_delay_max, settings.jobs.lease_timeout)
+        for q in (inference, dispatch)
+    )
     if settings.broker.visibility_timeout <= longest_hold:
         raise ConfigError(
             f"broker.visibility_timeout: {settings.broker.visibility_timeout} s must be longer "
-            f"than any task's time_limit + retry_delay_max ({longest_hold:.0f} s)"
+            f"than any task's time_limit + max(retry_delay_max, jobs.lease_timeout) "
+            f"({longest_hold:.0f} s)"
         )
     config: dict[str, Any] = {
         "task_serializer": "json",
@@ -110,11 +159,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         config["broker_transport"] = "workers.embedded:Transport"
         config["broker_transport_options"] = {}
     else:
-        config["broker_url"] = settings.broker.url
+        visibility = settings.broker.visibility_timeout
+        config["broker_url"] = broker_url(settings)
         config["broker_transport"] = None
         config["broker_transport_options"] = {
-            "visibility_timeout": settings.broker.visibility_timeout
+            "visibility_timeout": visibility,
+            # Look for messages whose worker died (unacknowledged past the visibility timeout)
+            # a few times per timeout, not once per 100 s as kombu does by default.
+            "unacked_restore_interval": max(1, min(60, visibility // 4)),
+            "unacked_restore_throttle": 1,
         }
+        config["broker_use_ssl"] = broker_tls(settings)
     return config
 
 
@@ -169,6 +224,20 @@ def follow_up(task: Task, outcome: StageOutcome) -> str:
         # message, counts attempts: the tasks have max_retries=None (no Celery limit).
         raise task.retry(countdown=outcome.retry_in)
     return outcome.state.value
+
+
+def broker_epoch() -> str | None:
+    """Which Redis process the broker is (its ``run_id``); None for other brokers or when it
+    cannot be reached. A change means Redis restarted and may have lost its queues."""
+    settings = current_settings()
+    if uses_embedded_broker(settings):
+        return None
+    with app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
+        client = getattr(connection.default_channel, "client", None)
+        if client is None or not hasattr(client, "info"):
+            return None
+        return str(client.info("server")["run_id"])
 
 
 def redelivery_grace(settings: Settings) -> timedelta | None:

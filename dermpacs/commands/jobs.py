@@ -45,7 +45,11 @@ def _short(text: str | None, width: int = 60) -> str:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from dermpacs.jobs.store import JobStore, JobStoreError, UnknownJobError
 
-    store = JobStore.from_settings(settings, actor="admin@cli")
+    try:
+        store = JobStore.from_settings(settings, actor="admin@cli")
+    except ConfigError as exc:
+        print(f"dermpacs jobs: {exc}")
+        return 2
     try:
         if args.action == "list":
             before = (

@@ -20,9 +20,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def protect_patient_data() -> None:
+    """Keep patient data out of the logs of a service process.
+
+    pydicom's validation quotes the offending value in its warnings ("Invalid value for VR
+    DA: '19700101x'"), and a value can be a birth date or a patient ID. The service only
+    reads and copies values, so their validation is turned off (it changes no value, only
+    whether a warning names it), and any remaining pydicom warning is dropped.
+    """
+    import warnings
+
+    from pydicom import config as pydicom_config
+
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 def quiet_libraries(verbose: bool) -> None:
     """pynetdicom logs every association and highdicom every copied module at INFO; keep
-    their warnings only unless asked."""
+    their warnings only unless asked. Patient data stays out of the logs either way."""
+    protect_patient_data()
     if not verbose:
         for name in ("pynetdicom", "highdicom"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -32,7 +51,13 @@ def start_intake(settings: Settings) -> Any:
     """Configure the queue and start the intake service; raises ConfigError."""
     from dermpacs.intake.service import IntakeService
     from dermpacs.processing import model_version
-    from workers.app import configure, publish_dispatch, publish_processing, redelivery_grace
+    from workers.app import (
+        broker_epoch,
+        configure,
+        publish_dispatch,
+        publish_processing,
+        redelivery_grace,
+    )
 
     version = model_version(settings)
     configure(settings)
@@ -42,6 +67,7 @@ def start_intake(settings: Settings) -> Any:
         publish_processing=publish_processing,
         publish_dispatch=publish_dispatch,
         queued_grace=redelivery_grace(settings),
+        broker_epoch=broker_epoch,
     )
     summary = service.start()
     log.info(

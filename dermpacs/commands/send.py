@@ -19,6 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calling-aet", default="", help="our AE title (default: dispatch.calling_ae_title)"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="with --host: DICOM over TLS (a destination given with --to says so itself)",
+    )
+    parser.add_argument("--tls-ca", default="", help="with --tls: PEM file of the CAs to trust")
+    parser.add_argument("--tls-cert", default="", help="with --tls: our client certificate")
+    parser.add_argument("--tls-key", default="", help="with --tls: its private key")
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
 
 
@@ -34,7 +42,8 @@ def _expand(paths: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from dermpacs.dispatch.scu import PeerAddress, SenderTimeouts, send_instances
+    from dermpacs.dispatch.destinations import tls_client
+    from dermpacs.dispatch.scu import PeerAddress, SenderTimeouts, TlsClient, send_instances
 
     calling = args.calling_aet or settings.dispatch.calling_ae_title
     if args.to:
@@ -46,12 +55,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if destination.kind != "dicom":
             print(f"dermpacs send: destination {args.to!r} is a {destination.kind}, not dicom")
             return 2
-        peer = PeerAddress(destination.ae_title, destination.host, destination.port, calling)
+        peer = PeerAddress(
+            destination.ae_title,
+            destination.host,
+            destination.port,
+            calling,
+            tls=tls_client(destination),
+        )
     else:
         if args.port is None or not args.aet:
             print("dermpacs send: --host needs --port and --aet")
             return 2
-        peer = PeerAddress(args.aet, args.host, args.port, calling)
+        tls = TlsClient(args.tls_ca, args.tls_cert, args.tls_key) if args.tls else None
+        peer = PeerAddress(args.aet, args.host, args.port, calling, tls=tls)
     files = _expand(args.files)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -85,5 +101,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{status}  {path}" + ("" if result.stored else f"  {result.error}"))
     sent = sum(r.stored for r in results)
     if not args.json:
-        print(f"{sent} of {len(results)} stored by {peer.ae_title}@{peer.host}:{peer.port}")
+        print(f"{sent} of {len(results)} stored by {peer.describe()}")
     return 0 if sent == len(results) else 1

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from dermpacs.commands.listen import quiet_libraries
+    from dermpacs.jobs.store import database_url
     from workers.app import configure, start_worker
 
     quiet_libraries(args.verbose)
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     concurrency = args.concurrency or sum(configured[q].concurrency for q in queues)
     try:
         configure(settings)
+        database_url(settings)  # a password file that cannot be read stops us here
     except ConfigError as exc:
         print(f"dermpacs worker: {exc}")
         return 2

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dermpacs.config import Destination, DispatchSettings
-from dermpacs.dispatch.scu import PeerAddress, SenderTimeouts, send_instances
+from dermpacs.dispatch.scu import PeerAddress, SenderTimeouts, TlsClient, send_instances
 from dermpacs.jobs.models import ResultKind
 
 
@@ -125,6 +125,17 @@ def folder_path(destination: Destination, storage_root: Path) -> Path:
     return path if path.is_absolute() else Path(storage_root) / path
 
 
+def tls_client(destination: Destination) -> TlsClient | None:
+    """The TLS settings of a DICOM destination, or None when it is plain."""
+    if not destination.tls:
+        return None
+    return TlsClient(
+        ca_certificates=destination.tls_ca_certificates,
+        certificate=destination.tls_certificate,
+        private_key=destination.tls_private_key,
+    )
+
+
 def open_destination(
     destination: Destination, *, storage_root: Path, dispatch: DispatchSettings
 ) -> ResultDestination:
@@ -138,6 +149,7 @@ def open_destination(
             host=destination.host,
             port=destination.port,
             calling_ae_title=dispatch.calling_ae_title,
+            tls=tls_client(destination),
         ),
         SenderTimeouts(
             acse=dispatch.acse_timeout,

@@ -3,11 +3,14 @@
 Each object is proposed with its own SOP class and the transfer syntax it is stored in (plus
 the two uncompressed little-endian syntaxes when it is uncompressed, which pynetdicom converts
 between), so that a PACS that accepts fewer syntaxes still gets every object it can take.
+With :class:`TlsClient` the association runs over TLS (PS3.15 B.1): the peer's certificate is
+checked against the given CAs and the host name.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +30,47 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 @dataclass(frozen=True)
+class TlsClient:
+    """TLS for an association we open: the CAs we trust (the system's when empty) and our
+    client certificate, for peers that ask for one."""
+
+    ca_certificates: str = ""
+    certificate: str = ""
+    private_key: str = ""
+
+    def context(self) -> ssl.SSLContext:
+        """An SSL context that checks the peer's certificate and host name (TLS 1.2+).
+
+        Raises
+        ------
+        OSError, ssl.SSLError
+            A certificate or key file cannot be read.
+        """
+        context = ssl.create_default_context(cafile=self.ca_certificates or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.certificate:
+            context.load_cert_chain(self.certificate, self.private_key or None)
+        return context
+
+
+@dataclass(frozen=True)
 class PeerAddress:
-    """Where to send: the called AE title, host and port, and our own (calling) AE title."""
+    """Where to send: the called AE title, host and port, our own (calling) AE title, and
+    TLS when the peer speaks it."""
 
     ae_title: str
     host: str
     port: int
     calling_ae_title: str = "DERMPACS"
+    tls: TlsClient | None = None
+
+    def describe(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+    def associate(self, ae: AE) -> Association:
+        """Open an association from ``ae`` to this peer (over TLS when configured)."""
+        tls_args = None if self.tls is None else (self.tls.context(), self.host)
+        return ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args)
 
 
 @dataclass(frozen=True)
@@ -101,10 +139,10 @@ def send_instances(
     ae.maximum_pdu_size = timeouts.max_pdu_size
     for sop_class, syntaxes in requested_contexts(datasets):
         ae.add_requested_context(sop_class, syntaxes)
-    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    where = peer.describe()
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    except Exception as exc:  # e.g. name resolution
+        assoc = peer.associate(ae)
+    except Exception as exc:  # e.g. name resolution, an unreadable certificate
         reason = f"cannot associate with {where}: {exc}"
         return [SendResult(str(ds.SOPInstanceUID), None, reason) for ds in datasets]
     if not assoc.is_established:
@@ -154,7 +192,10 @@ def echo(peer: PeerAddress, timeouts: SenderTimeouts | None = None) -> int | Non
     ae.network_timeout = timeouts.network
     ae.dimse_timeout = timeouts.dimse
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    try:
+        assoc = peer.associate(ae)
+    except Exception:  # name resolution, an unreadable certificate
+        return None
     if not assoc.is_established:
         return None
     try:

@@ -48,6 +48,7 @@ from dermpacs.inference.preprocessing import (
 )
 from dermpacs.inference.quality import quality_flags, sharpness
 from dermpacs.inference.skintone import measure_skin_tone
+from dermpacs.inference.versioning import combined_model_version
 from dermpacs.inference.weights import (
     SEGMENTATION_CLASSES,
     WeightsError,
@@ -177,6 +178,12 @@ class Analyser:
             )
         if classifier_metadata.kind != "classifier":
             raise WeightsError("the classifier's metadata is not of kind classifier")
+        try:
+            self._model_version = combined_model_version(
+                segmentation_metadata.model_version, classifier_metadata.model_version
+            )
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from exc
         self.device = torch.device(device)
         self.segmentation = segmentation.to(self.device).eval()
         self.segmentation_metadata = segmentation_metadata
@@ -250,14 +257,11 @@ class Analyser:
 
     @property
     def model_version(self) -> str:
-        """Both models' versions and digests: ``seg-<version>+<sha12>/cls-<version>+<sha12>``.
+        """Both models' versions and digests (:mod:`dermpacs.inference.versioning`).
 
         Changes whenever either set of tensors changes; results are keyed on it.
         """
-        return (
-            f"seg-{self.segmentation_metadata.model_version}"
-            f"/cls-{self.classifier_metadata.model_version}"
-        )
+        return self._model_version
 
     # ------------------------------------------------------------------ stages
     def segment(self, photos: Sequence[np.ndarray]) -> list[torch.Tensor]:

@@ -38,6 +38,7 @@ from dermpacs.inference.networks import (
     architecture_of,
     build_network,
 )
+from dermpacs.inference.versioning import weights_version
 
 FORMAT = "dermpacs-weights/1"
 SEGMENTATION_CLASSES = ("background", "skin", "lesion")  # label values 0, 1, 2
@@ -88,14 +89,9 @@ class WeightsMetadata:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
     @property
-    def short_digest(self) -> str:
-        """First 12 hex digits of the payload digest."""
-        return self.payload_sha256[:12]
-
-    @property
     def model_version(self) -> str:
         """``version+digest``: changes whenever the tensors change, even under the same version."""
-        return f"{self.version}+{self.short_digest}"
+        return weights_version(self.version, self.payload_sha256)
 
     def to_header(self) -> dict[str, str]:
         """The safetensors header metadata (every value JSON-encoded)."""

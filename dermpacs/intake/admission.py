@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -28,6 +29,9 @@ _ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
+# Photographs nest sequences a few levels deep (code sequences in an anatomic region, say);
+# anything deeper is refused at the door rather than left to recurse in the worker.
+MAX_SEQUENCE_DEPTH = 16
 
 
 class StoreStatus(IntEnum):
@@ -131,6 +135,38 @@ def _check_complete(header: Dataset) -> None:
                 )
 
 
+def _is_sequence(raw: object, tag: int) -> bool:
+    vr = getattr(raw, "VR", None)
+    if vr is None:  # implicit VR: the dictionary says
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False
+    return vr == "SQ"
+
+
+def _check_nesting(header: Dataset, max_depth: int = MAX_SEQUENCE_DEPTH) -> None:
+    """Refuse sequences nested deeper than ``max_depth``.
+
+    pydicom parses a sequence when it is first used; walking level by level (not by
+    recursion) parses each level once and stops at the limit, so a hostile nesting cannot
+    exhaust the stack here or later in the worker.
+    """
+    pending: list[tuple[Dataset, int]] = [(header, 0)]
+    while pending:
+        dataset, depth = pending.pop()
+        for tag in dataset.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
+            if not _is_sequence(dataset.get_item(tag), int(tag)):
+                continue
+            items = dataset[tag].value or []
+            if items and depth + 1 > max_depth:
+                raise AdmissionRefused(
+                    StoreStatus.CANNOT_UNDERSTAND,
+                    f"sequences nested deeper than {max_depth} levels",
+                )
+            pending.extend((item, depth + 1) for item in items)
+
+
 def _positive_int(header: Dataset, keyword: str) -> int:
     value = header.get(keyword)
     if not isinstance(value, int) or value <= 0:
@@ -186,6 +222,7 @@ def admit(
     try:
         header = dcmread(stream, stop_before_pixels=True)
         _check_complete(header)
+        _check_nesting(header)
         sop_class = header.get("SOPClassUID")
         sop_instance = header.get("SOPInstanceUID")
         study = header.get("StudyInstanceUID")

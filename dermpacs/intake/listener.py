@@ -3,12 +3,23 @@
 The C-STORE handler does three things and returns a status: admit (cheap header checks),
 spool (the received bytes, fsync'd) and record (the job row, committed). Success is answered
 only after all three; the job id is then handed to ``on_recorded`` (which publishes the
-processing task in the background). Everything else happens in workers.
+processing task in the background). Everything else happens in workers. A data set refused
+for what it is (not for a full disk) is kept in the quarantine with the reason.
+
+Who may talk to it is checked before any data is read: the IP allow-list when the connection
+is accepted (the socket is closed at once), the calling and called AE titles at association
+(PS3.8 7.1.1). A second port can speak DICOM over TLS (PS3.15 B.1) beside the plain one; its
+handshake runs in the association's own thread with the ACSE timeout, so that a peer that
+connects and says nothing cannot hold the acceptor.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +35,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dermpacs.config import IntakeSettings, ListenerSettings
 from dermpacs.imaging.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, PHOTO_SOP_CLASSES
 from dermpacs.intake.admission import AdmissionRefused, StoreStatus, admit
-from dermpacs.intake.spool import Spool, SpoolError
+from dermpacs.intake.quarantine import Quarantine, QuarantineRecord
+from dermpacs.intake.spool import Spool, SpoolError, SpoolFullError
 from dermpacs.jobs.models import JobState
 from dermpacs.jobs.store import JobStore, ReceivedInstance
 
@@ -32,6 +44,85 @@ logger = logging.getLogger(__name__)
 
 # ErrorComment is LO: at most 64 characters (PS3.7 C.4.2.1.3, PS3.5 6.2).
 _ERROR_COMMENT_LENGTH = 64
+# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4): why an association was rejected.
+_REJECT_REASONS = {
+    0x03: "calling AE title not in listener.allowed_calling_aets",
+    0x07: "called AE title is not listener.ae_title",
+}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Sequence[str]) -> tuple[Network, ...]:
+    """``listener.allowed_hosts`` as networks (an address is a network of one)."""
+    return tuple(ipaddress.ip_network(e, strict=False) for e in entries)
+
+
+def host_allowed(address: str, networks: Sequence[Network]) -> bool:
+    """Whether ``address`` lies in one of ``networks`` (any address when there are none)."""
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 peer on a dual-stack socket
+    return any(ip in net for net in networks)
+
+
+def server_tls_context(settings: ListenerSettings) -> ssl.SSLContext:
+    """The TLS context of the listener's TLS port: TLS 1.2 or later, our certificate, and
+    client certificates required when ``tls_ca_certificates`` is set (PS3.15 B.1).
+
+    Raises
+    ------
+    OSError, ssl.SSLError
+        A certificate or key file cannot be read.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+    if settings.tls_ca_certificates:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=settings.tls_ca_certificates)
+    return context
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the IP allow-list and a non-blocking TLS accept.
+
+    pynetdicom wraps a TLS socket in the acceptor thread, where a silent peer would block
+    every later connection; here the acceptor only accepts, and the handshake happens in
+    the connection's thread, bounded by ``handshake_timeout``.
+    """
+
+    allowed_networks: tuple[Network, ...] = ()
+    handshake_timeout: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        return client_socket, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        if host_allowed(host, self.allowed_networks):
+            return True
+        logger.warning("connection from %s refused: not in listener.allowed_hosts", host)
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            try:
+                request.settimeout(self.handshake_timeout)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 @dataclass
@@ -41,6 +132,7 @@ class ListenerCounters:
     stored: int = 0
     duplicates: int = 0
     refused: int = 0
+    quarantined: int = 0
 
 
 def _status(status: StoreStatus, comment: str | None = None) -> Dataset:
@@ -72,6 +164,8 @@ class Listener:
         that was sent again). Must not block.
     sop_classes, transfer_syntaxes
         What is accepted; the photograph classes and syntaxes by default.
+    quarantine
+        Where refused data sets are kept with the reason; None keeps none.
     """
 
     def __init__(
@@ -85,6 +179,7 @@ class Listener:
         on_recorded: Callable[[int], None],
         sop_classes: Sequence[str] = PHOTO_SOP_CLASSES,
         transfer_syntaxes: Sequence[str] = ACCEPTED_TRANSFER_SYNTAXES,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.settings = settings
         self.intake = intake
@@ -94,9 +189,12 @@ class Listener:
         self.on_recorded = on_recorded
         self.sop_classes = tuple(str(s) for s in sop_classes)
         self.transfer_syntaxes = tuple(str(t) for t in transfer_syntaxes)
+        self.quarantine = quarantine
         self.counters = ListenerCounters()
+        self.networks = parse_networks(settings.allowed_hosts)
         self.ae = self._build_ae()
-        self._server: ThreadedAssociationServer | None = None
+        self._servers: dict[str, GuardedAssociationServer] = {}
+        self._below_watermark = False
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -107,6 +205,7 @@ class Listener:
         ae.network_timeout = self.settings.network_timeout
         # Checked at association (PS3.8 7.1.1.2): strangers are rejected before any data.
         ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+        ae.require_called_aet = self.settings.require_called_aet
         ae.add_supported_context(Verification)
         for sop_class in self.sop_classes:
             # Compressed syntaxes first: the SCP accepts the first of its own syntaxes that
@@ -124,53 +223,115 @@ class Listener:
 
     # -- running --------------------------------------------------------------------------
 
-    def start(self) -> ThreadedAssociationServer:
-        """Listen in background threads; returns the server (``.shutdown()`` stops it)."""
-        server = self.ae.start_server(
-            (self.settings.host, self.settings.port),
-            block=False,
+    def _serve(self, port: int, tls: ssl.SSLContext | None) -> GuardedAssociationServer:
+        server = self.ae.make_server(
+            (self.settings.host, port),
+            ssl_context=tls,
             evt_handlers=self.handlers,
+            server_class=GuardedAssociationServer,
         )
-        assert server is not None  # block=False returns the server
-        self._server = server
-        host, port = server.server_address[:2]
-        logger.info(
-            "listening as %s on %s:%d (%d SOP classes, %d transfer syntaxes, callers: %s)",
-            self.settings.ae_title,
-            host,
-            port,
-            len(self.sop_classes),
-            len(self.transfer_syntaxes),
-            ", ".join(self.settings.allowed_calling_aets) or "any",
+        assert isinstance(server, GuardedAssociationServer)
+        server.allowed_networks = self.networks
+        server.handshake_timeout = self.settings.acse_timeout
+        # As AE.start_server(block=False) does, so that AE.shutdown() stops it too.
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"dermpacs-acceptor-{port}", daemon=True
         )
+        thread.start()
+        self.ae._servers.append(server)
         return server
+
+    def start(self) -> GuardedAssociationServer:
+        """Listen in background threads: the plain port, and the TLS port when configured.
+
+        Returns the first server started (``.shutdown()`` stops it).
+
+        Raises
+        ------
+        OSError
+            A port is taken, or a TLS certificate or key cannot be read.
+        """
+        tls = server_tls_context(self.settings) if self.settings.tls_port else None
+        if not self.settings.tls_only:
+            self._servers["plain"] = self._serve(self.settings.port, None)
+        if tls is not None:
+            self._servers["tls"] = self._serve(self.settings.tls_port, tls)
+        for kind, server in self._servers.items():
+            host, port = server.server_address[:2]
+            logger.info(
+                "listening as %s on %s:%d%s (%d SOP classes, %d transfer syntaxes, "
+                "callers: %s, hosts: %s)",
+                self.settings.ae_title,
+                host,
+                port,
+                " (TLS)" if kind == "tls" else "",
+                len(self.sop_classes),
+                len(self.transfer_syntaxes),
+                ", ".join(self.settings.allowed_calling_aets) or "any",
+                ", ".join(self.settings.allowed_hosts) or "any",
+            )
+        return next(iter(self._servers.values()))
 
     @property
     def port(self) -> int:
-        """The port listened on (useful with ``port = 0``)."""
-        if self._server is None:
+        """The plain port listened on (useful with ``port = 0``); the TLS port if only TLS."""
+        server = self._servers.get("plain") or self._servers.get("tls")
+        if server is None:
             raise RuntimeError("the listener is not started")
-        return int(self._server.server_address[1])
+        return int(server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS port listened on, or None."""
+        server = self._servers.get("tls")
+        return None if server is None else int(server.server_address[1])
 
     def shutdown(self) -> None:
         """Stop accepting associations and close the open ones."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers.values():
+            server.shutdown()
+        self._servers.clear()
         self.ae.shutdown()
 
     # -- handlers -------------------------------------------------------------------------
 
     def _refuse(
-        self, status: StoreStatus, reason: str, sop_instance_uid: str, caller: str
+        self,
+        status: StoreStatus,
+        reason: str,
+        sop_instance_uid: str,
+        caller: str,
+        *,
+        event: Event | None = None,
+        data: bytes | None = None,
     ) -> Dataset:
+        """Answer ``status``, log why, and keep the data set in the quarantine if given."""
         self.counters.refused += 1
+        kept = None
+        if data is not None and event is not None and self.quarantine is not None:
+            request = cast(C_STORE, event.request)
+            kept = self.quarantine.keep(
+                data,
+                QuarantineRecord(
+                    stage="intake",
+                    status=int(status),
+                    reason=reason,
+                    sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=str(request.AffectedSOPClassUID),
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    calling_ae_title=caller,
+                    peer_address=str(event.assoc.requestor.address),
+                ),
+            )
+            if kept is not None:
+                self.counters.quarantined += 1
         logger.warning(
-            "C-STORE from %s refused 0x%04X: %s (SOP Instance %s)",
+            "C-STORE from %s refused 0x%04X: %s (SOP Instance %s)%s",
             caller,
             status,
             reason,
             sop_instance_uid,
+            f"; kept as quarantine/{kept.parent.name}/{kept.name}" if kept else "",
         )
         return _status(status, reason)
 
@@ -185,11 +346,14 @@ class Listener:
         try:
             encoded = event.encoded_dataset(include_meta=True)
         except Exception as exc:
+            raw = request.DataSet.getvalue() if request.DataSet is not None else None
             return self._refuse(
                 StoreStatus.CANNOT_UNDERSTAND,
                 f"unreadable: {type(exc).__name__}",
                 sop_instance,
                 caller,
+                event=event,
+                data=raw,
             )
         try:
             admitted = admit(
@@ -201,7 +365,9 @@ class Listener:
                 max_megapixels=self.intake.max_megapixels,
             )
         except AdmissionRefused as refusal:
-            return self._refuse(refusal.status, refusal.reason, sop_instance, caller)
+            return self._refuse(
+                refusal.status, refusal.reason, sop_instance, caller, event=event, data=encoded
+            )
 
         # A photo already taken needs neither a second spool file nor a second job: its
         # bytes are durable and its job will produce (or produced) the results.
@@ -228,8 +394,16 @@ class Listener:
 
         try:
             path = self.spool.spool_received_instance(encoded, admitted.sop_instance_uid)
+        except SpoolFullError as exc:
+            if not self._below_watermark:
+                logger.error("intake refused until free space returns: %s", exc)
+            self._below_watermark = True
+            return self._refuse(StoreStatus.OUT_OF_RESOURCES, str(exc), sop_instance, caller)
         except SpoolError as exc:
             return self._refuse(StoreStatus.OUT_OF_RESOURCES, str(exc), sop_instance, caller)
+        if self._below_watermark:
+            self._below_watermark = False
+            logger.info("free space above storage.min_free_mb again: intake resumed")
         try:
             outcome = self.store.record_received(
                 ReceivedInstance(
@@ -272,13 +446,19 @@ class Listener:
 
     def _log_rejected(self, event: Event) -> None:
         requestor = event.assoc.requestor
-        allowed = self.settings.allowed_calling_aets
-        if allowed and requestor.ae_title not in allowed:
-            why = "calling AE title not in listener.allowed_calling_aets"
-        else:
-            why = f"listener.max_associations ({self.settings.max_associations}) reached"
+        response = event.assoc.acceptor.primitive
+        diagnostic = getattr(response, "diagnostic", None)
+        why = _REJECT_REASONS.get(
+            diagnostic or 0,
+            f"listener.max_associations ({self.settings.max_associations}) reached",
+        )
+        called = getattr(requestor.primitive, "called_ae_title", "")
         logger.warning(
-            "association from %s (%s) rejected: %s", requestor.ae_title, requestor.address, why
+            "association from %s (%s) to %s rejected: %s",
+            requestor.ae_title,
+            requestor.address,
+            called,
+            why,
         )
 
     def _log_accepted(self, event: Event) -> None:

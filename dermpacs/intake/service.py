@@ -14,15 +14,13 @@ from pathlib import Path
 
 from dermpacs.config import Settings
 from dermpacs.intake.listener import Listener
+from dermpacs.intake.quarantine import Quarantine
 from dermpacs.intake.spool import Spool
 from dermpacs.jobs.publisher import PeriodicReconciler, Publisher
 from dermpacs.jobs.reconcile import RequeueSummary, requeue_unfinished
 from dermpacs.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
-
-# Beyond a task's time limit, how long before its job (or delivery) counts as abandoned.
-LEASE_MARGIN_SECONDS = 30.0
 
 
 class IntakeService:
@@ -41,6 +39,9 @@ class IntakeService:
         None trusts the broker.
     store
         A job store to use instead of the configured one.
+    broker_epoch
+        Names the running broker instance (None while unreachable); a change means it
+        restarted and may have lost its messages, and queued jobs are published again.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class IntakeService:
         publish_dispatch: Callable[[int], None],
         queued_grace: timedelta | None = None,
         store: JobStore | None = None,
+        broker_epoch: Callable[[], str | None] | None = None,
     ) -> None:
         self.settings = settings
         self.publish_processing = publish_processing
@@ -59,6 +61,9 @@ class IntakeService:
         self.store = store or JobStore.from_settings(settings, actor="listener")
         self.spool = Spool(
             Path(settings.storage.root), min_free_bytes=settings.storage.min_free_mb * 2**20
+        )
+        self.quarantine = Quarantine(
+            Path(settings.storage.root), max_bytes=settings.intake.quarantine_max_mb * 2**20
         )
         self.publisher = Publisher(self.store, publish_processing)
         self.listener = Listener(
@@ -68,18 +73,21 @@ class IntakeService:
             store=self.store,
             model_version=model_version,
             on_recorded=self.publisher.submit,
+            quarantine=self.quarantine,
         )
-        queues, jobs = settings.queues, settings.jobs
+        jobs = settings.jobs
+        lease = timedelta(seconds=jobs.lease_timeout)
         self.reconciler = PeriodicReconciler(
             self.store,
             publish_processing=publish_processing,
             publish_dispatch=publish_dispatch,
             interval=jobs.reconcile_interval,
             received_grace=timedelta(seconds=jobs.received_grace),
-            processing_lease=timedelta(seconds=queues.inference.time_limit + LEASE_MARGIN_SECONDS),
+            processing_lease=lease,
             dispatch_grace=timedelta(seconds=jobs.dispatch_grace),
-            dispatch_lease=timedelta(seconds=queues.dispatch.time_limit + LEASE_MARGIN_SECONDS),
+            dispatch_lease=lease,
             queued_grace=queued_grace,
+            broker_epoch=broker_epoch,
         )
 
     def start(self) -> RequeueSummary:

@@ -22,6 +22,18 @@ class SpoolError(OSError):
     """The spool cannot take the instance (disk full, below the watermark, I/O error)."""
 
 
+class SpoolFullError(SpoolError):
+    """Free space is below the watermark (``storage.min_free_mb``): nothing was written."""
+
+    def __init__(self, free_bytes: int, min_free_bytes: int) -> None:
+        super().__init__(
+            f"free space {free_bytes // 2**20} MiB below storage.min_free_mb "
+            f"({min_free_bytes // 2**20} MiB)"
+        )
+        self.free_bytes = free_bytes
+        self.min_free_bytes = min_free_bytes
+
+
 def _fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -74,13 +86,14 @@ class Spool:
 
         Raises
         ------
+        SpoolFullError
+            Writing would leave less free space than the watermark (nothing is written).
         SpoolError
-            Below the free-space watermark, or the write failed (nothing is left behind).
+            The write failed, a full disk included (nothing is left behind).
         """
-        if not self.has_room_for(len(encoded)):
-            raise SpoolError(
-                f"free space below storage.min_free_mb ({self.min_free_bytes // 2**20} MB)"
-            )
+        free = self.free_bytes()
+        if free - len(encoded) < self.min_free_bytes:
+            raise SpoolFullError(free, self.min_free_bytes)
         token = uuid.uuid4().hex[:12]
         partial = self._incoming / f"{token}.part"
         try:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
-from dermpacs.jobs.reconcile import Publish, reconcile_stalled
+from dermpacs.jobs.reconcile import Publish, reconcile_stalled, republish_after_broker_loss
 from dermpacs.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,13 @@ class Publisher:
 
 
 class PeriodicReconciler:
-    """Run :func:`~dermpacs.jobs.reconcile.reconcile_stalled` every ``interval`` seconds."""
+    """Run :func:`~dermpacs.jobs.reconcile.reconcile_stalled` every ``interval`` seconds.
+
+    With ``broker_epoch`` (a function naming the running broker instance, such as Redis's
+    ``run_id``; None while it cannot be reached), a pass that finds the broker restarted since
+    the last one publishes every queued job again
+    (:func:`~dermpacs.jobs.reconcile.republish_after_broker_loss`).
+    """
 
     def __init__(
         self,
@@ -106,8 +113,11 @@ class PeriodicReconciler:
         dispatch_grace: timedelta,
         dispatch_lease: timedelta | None = None,
         queued_grace: timedelta | None = None,
+        broker_epoch: Callable[[], str | None] | None = None,
     ) -> None:
         self._store = store
+        self._broker_epoch = broker_epoch
+        self._epoch: str | None = None
         self._publish_processing = publish_processing
         self._publish_dispatch = publish_dispatch
         self._interval = interval
@@ -119,7 +129,31 @@ class PeriodicReconciler:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dermpacs-reconciler", daemon=True)
 
+    def observe_broker(self) -> bool:
+        """Read the broker's epoch; when it changed, publish the queued jobs again.
+
+        Returns whether jobs were re-published.
+        """
+        if self._broker_epoch is None:
+            return False
+        try:
+            epoch = self._broker_epoch()
+        except Exception:  # down: nothing to compare; the next pass looks again
+            return False
+        if epoch is None:
+            return False
+        restarted = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        if restarted:
+            republish_after_broker_loss(
+                self._store,
+                publish_processing=self._publish_processing,
+                publish_dispatch=self._publish_dispatch,
+            )
+        return restarted
+
     def start(self) -> PeriodicReconciler:
+        self.observe_broker()
         self._thread.start()
         return self
 
@@ -128,6 +162,7 @@ class PeriodicReconciler:
         self._thread.join(timeout)
 
     def run_once(self) -> None:
+        self.observe_broker()
         reconcile_stalled(
             self._store,
             publish_processing=self._publish_processing,

@@ -71,6 +71,31 @@ def requeue_unfinished(
     return summary
 
 
+def republish_after_broker_loss(
+    store: JobStore, *, publish_processing: Publish, publish_dispatch: Publish
+) -> RequeueSummary:
+    """Publish every ``queued`` and ``results_ready`` job again: the broker lost its messages.
+
+    Called when the broker is found restarted (Redis without persistence forgets its queues):
+    the job store still knows what waits. Jobs whose message survived get a second one, which
+    costs a skipped task.
+    """
+    summary = RequeueSummary()
+    queued = [j.id for j in store.list_jobs(states=[JobState.QUEUED], limit=None)]
+    ready = [j.id for j in store.list_jobs(states=[JobState.RESULTS_READY], limit=None)]
+    _publish_all(queued, publish_processing, summary.processing, summary.unpublished)
+    _publish_all(ready, publish_dispatch, summary.dispatch, summary.unpublished)
+    store.touch(summary.processing)
+    logger.warning(
+        "broker restarted: re-published %d queued job(s) and %d job(s) awaiting delivery "
+        "(%d not published)",
+        len(summary.processing),
+        len(summary.dispatch),
+        len(summary.unpublished),
+    )
+    return summary
+
+
 def reconcile_stalled(
     store: JobStore,
     *,

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from dermpacs.config import Settings
+from dermpacs.config import Settings, read_secret_file
 from dermpacs.jobs.models import (
     UNFINISHED_STATES,
     Base,
@@ -218,11 +218,16 @@ class ClaimStatus(StrEnum):
 
 @dataclass(frozen=True)
 class Claim:
-    """The answer of :meth:`JobStore.claim_for_processing`."""
+    """The answer of :meth:`JobStore.claim_for_processing`.
+
+    ``gave_up`` is true when this claim failed the job (its attempts ran out without an
+    outcome); the caller then sets its photo aside.
+    """
 
     status: ClaimStatus
     job: JobSnapshot
     retry_after: float = 0.0
+    gave_up: bool = False
 
 
 class RetryStage(StrEnum):
@@ -254,9 +259,23 @@ def idempotency_key(sop_instance_uid: str, model_version: str) -> str:
 
 
 def database_url(settings: Settings) -> URL:
-    """The configured database URL, or SQLite under ``storage.root`` when it is empty."""
+    """The configured database URL (with the password of ``database.password_file`` put
+    in), or SQLite under ``storage.root`` when it is empty.
+
+    Raises
+    ------
+    ConfigError
+        The password file cannot be read.
+    """
     if settings.database.url:
-        return make_url(settings.database.url)
+        url = make_url(settings.database.url)
+        if settings.database.password_file:
+            url = url.set(
+                password=read_secret_file(
+                    settings.database.password_file, key="database.password_file"
+                )
+            )
+        return url
     path = Path(settings.storage.root).resolve() / SQLITE_FILENAME
     return make_url(f"sqlite:///{path}")
 
@@ -490,12 +509,19 @@ class JobStore:
 
     # -- processing -----------------------------------------------------------------------
 
-    def claim_for_processing(self, job_id: int, *, lease: timedelta) -> Claim:
+    def claim_for_processing(
+        self, job_id: int, *, lease: timedelta, max_attempts: int | None = None
+    ) -> Claim:
         """Take a job for processing, unless another worker holds a fresh lease on it.
 
         A job found in ``processing`` whose last change is older than ``lease`` belonged to a
         worker that died; it is taken over (the outputs are deterministic, so doing the work
-        again yields the same objects).
+        again yields the same objects). The holder keeps its lease fresh with
+        :meth:`renew_processing_lease`.
+
+        A job that has already been claimed ``max_attempts`` times without an outcome being
+        recorded killed (or was killed with) its worker each time: it fails instead of being
+        tried forever (a photo that crashes a decoder, say).
         """
         now = utc_now()
         with self._session() as session:
@@ -516,10 +542,55 @@ class JobStore:
                 reason = f"lease expired after {age.total_seconds():.0f} s, taken over"
             else:
                 reason = "claimed"
+            if max_attempts is not None and job.attempts >= max_attempts:
+                error = (
+                    f"{job.attempts} attempt(s) ended without an outcome (the worker died or "
+                    "was killed each time)"
+                )
+                job.last_error = error
+                self._move(session, job, JobState.FAILED, error, now=now)
+                session.commit()
+                return Claim(ClaimStatus.FAILED, JobSnapshot.of(job), gave_up=True)
             job.attempts += 1
             self._move(session, job, JobState.PROCESSING, f"{reason} (attempt {job.attempts})")
             session.commit()
             return Claim(ClaimStatus.CLAIMED, JobSnapshot.of(job))
+
+    def renew_processing_lease(self, job_id: int) -> bool:
+        """Refresh the lease of a job being processed; False when it is no longer processing.
+
+        Called by the worker that holds the job every third of the lease, so that a long
+        task keeps its job and a dead worker's job is taken over one lease after it died.
+        """
+        with self._session() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.PROCESSING)
+                .values(updated_at=utc_now())
+            )
+            session.commit()
+            return bool(getattr(result, "rowcount", 0))
+
+    def renew_delivery_leases(self, delivery_ids: Iterable[int]) -> int:
+        """Refresh the lease of deliveries being sent; returns how many are still sending."""
+        ids = list(delivery_ids)
+        if not ids:
+            return 0
+        with self._session() as session:
+            result = session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.SENDING)
+                .values(updated_at=utc_now())
+            )
+            session.commit()
+            return int(getattr(result, "rowcount", 0))
+
+    def relocate_spool(self, job_id: int, spool_path: str) -> None:
+        """Point a job at another copy of its received bytes (the quarantine's)."""
+        with self._session() as session:
+            job = self._locked_job(session, job_id)
+            job.spool_path = spool_path
+            session.commit()
 
     def release_stale(self, job_id: int, *, lease: timedelta, now: datetime | None = None) -> bool:
         """Move a ``processing`` job unchanged for ``lease`` back to ``received``.
