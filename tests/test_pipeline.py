@@ -45,7 +45,7 @@ def test_random_network_plumbing(tmp_path: Path) -> None:
     assert analyser.long_side == LONG_SIDE and analyser.crop_size == CROP_SIZE
     seg, cls = analyser.segmentation_metadata, analyser.classifier_metadata
     assert analyser.model_version == (
-        f"seg-0.0.0-plumbing+{seg.payload_sha256[:12]}/cls-0.0.0-plumbing+{cls.payload_sha256[:12]}"
+        f"seg-0.0.0-plumbing+{seg.payload_sha256[:8]}/cls-0.0.0-plumbing+{cls.payload_sha256[:8]}"
     )
     result = analyser.analyse(_photo(150, 200))
     assert result.label_map.shape == (150, 200) and result.label_map.dtype == np.uint8
