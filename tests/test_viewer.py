@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,8 @@ def viewer_run(tmp_path_factory: pytest.TempPathFactory) -> ViewerRun:
             "/tools/find",
             {"Level": "Study", "Query": {"StudyInstanceUID": study.study_instance_uid}},
         )
-        descriptions = {
-            name: str(pydicom.dcmread(path, stop_before_pixels=True).SeriesDescription)
+        headers = {
+            name: pydicom.dcmread(path, stop_before_pixels=True)
             for name, path in (
                 ("photo", study.photo),
                 ("seg", study.seg),
@@ -98,7 +99,8 @@ def viewer_run(tmp_path_factory: pytest.TempPathFactory) -> ViewerRun:
                 "orthancStudyId": orthanc_study_id,
                 "studyInstanceUID": study.study_instance_uid,
                 "outDir": str(out),
-                "series": descriptions,
+                "series": {name: str(ds.SeriesDescription) for name, ds in headers.items()},
+                "instances": {name: str(ds.SOPInstanceUID) for name, ds in headers.items()},
                 "segmentLabels": ["Skin", "Lesion"],
                 "chromium": stack.CHROMIUM,
                 "timeoutMs": 60000,
@@ -126,6 +128,8 @@ def viewer_run(tmp_path_factory: pytest.TempPathFactory) -> ViewerRun:
             + f"\n{result['error']}\npage text:\n{result.get('failureText', '')}\n"
             + f"screenshots in {out}"
         )
+    for retry in result["retries"]:
+        warnings.warn(f"the viewer needed a retry: {retry}", stacklevel=1)
     target = os.environ.get(SCREENSHOTS_ENV)
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
@@ -238,6 +242,8 @@ def test_lesion_outline_lies_on_the_lesion(viewer_run: ViewerRun) -> None:
     assert sy == pytest.approx(sx, rel=0.01)
     assert sx > 0.5, "the photo is shown too small to judge"
 
+    # Showing Lesion again after hiding everything gives the very same picture.
+    assert run.result["lesionOnlyRepeatable"]
     drawn = np.abs(lesion_only - bare).sum(axis=2) > CHANGED
     expected = where.project(run.study.label_map, bare.shape) == LESION
     # The lesion as the photo shows it: red-brown, far redder than the skin around it.

@@ -68,6 +68,9 @@ def main() -> int:
             except KeyboardInterrupt:
                 pass
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the shutdown short and orphan Orthanc.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         orthanc.stop()
     return 0
 
