@@ -4,7 +4,8 @@
 //   node tests/viewer/drive.mjs job.json
 //
 // job.json: {viewerUrl, orthancUrl, orthancStudyId, studyInstanceUID, outDir,
-//            series: {photo, seg, sr, overlay} (Series Descriptions), segmentLabels,
+//            series: {photo, seg, sr, overlay} (Series Descriptions),
+//            instances: {photo, overlay} (SOP Instance UIDs), segments: [{label, pixels}],
 //            timeoutMs}
 // Order: photo, overlay, SEG (all, one segment, none), SR (read-only, then tracked), Orthanc
 // Explorer. Writes into outDir: viewer-*.png (pages, for docs/img), raw-*.png (the viewport
@@ -187,24 +188,25 @@ try {
   if ((await segmentsPanel.count()) === 0) {
     await page.locator('[data-cy="panelSegmentation-btn"]').click();
   }
-  for (const label of job.segmentLabels) {
+  for (const { label } of job.segments) {
     await segmentsPanel.filter({ hasText: new RegExp(`^${label}$`) }).waitFor();
   }
   result.segmentTitles = await segmentsPanel.allInnerTexts();
   log(`segments in the panel: ${result.segmentTitles.join(', ')}`);
   const hydrated = await settledViewport(null);
-  // Each click on an eye must change the picture: hide Skin (Lesion alone), hide Lesion
-  // (the bare photo), show Lesion again, show Skin again (everything).
+  // Each click on an eye of a segment with pixels must change the picture: hide Skin (Lesion
+  // alone), hide Lesion (the bare photo), show Lesion again, show Skin again (everything).
+  const pixels = Object.fromEntries(job.segments.map(({ label, pixels }) => [label, pixels]));
   const eye = (label) => segmentRow(label).locator('[data-cy="data-row-visibility-toggle"]');
-  await eye('Skin').click();
-  const lesionOnly = await settledViewport('raw-seg-only-lesion.png', { changedFrom: hydrated });
-  await eye('Lesion').click();
-  const bare = await settledViewport('raw-seg-none.png', { changedFrom: lesionOnly });
-  await eye('Lesion').click();
-  const lesionAgain = await settledViewport(null, { changedFrom: bare });
+  async function toggle(label, name, before) {
+    await eye(label).click();
+    return settledViewport(name, { changedFrom: pixels[label] > 0 ? before : null });
+  }
+  const lesionOnly = await toggle('Skin', 'raw-seg-only-lesion.png', hydrated);
+  const bare = await toggle('Lesion', 'raw-seg-none.png', lesionOnly);
+  const lesionAgain = await toggle('Lesion', null, bare);
   result.lesionOnlyRepeatable = lesionAgain.equals(lesionOnly);
-  await eye('Skin').click();
-  await settledViewport('raw-seg-all.png', { changedFrom: lesionAgain });
+  await toggle('Skin', 'raw-seg-all.png', lesionAgain);
   await pageShot('viewer-seg.png');
   log('segment visibility toggled');
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from dermpacs.analysis import BACKGROUND, LESION, SKIN, Crop, PhotoAnalysis
 from dermpacs.imaging.decode import read_photograph_bytes
@@ -217,6 +218,24 @@ def build_viewer_study(folder: Path) -> ViewerStudy:
     )
     (folder / "study.json").write_text(json.dumps(study.describe(), indent=2))
     return study
+
+
+def seg_label_map(seg: Dataset) -> np.ndarray:
+    """The label map a dermpacs SEG encodes (Skin = skin or lesion, Lesion = lesion).
+
+    Read from the SEG's frames and their Referenced Segment Numbers, so that the viewer's
+    drawing is compared with what the SEG says, whatever made it.
+    """
+    labels = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    masks = {label: np.zeros(frames.shape[1:], dtype=bool) for label in labels.values()}
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        masks[labels[number]] |= frame.astype(bool)
+    label_map = np.full(frames.shape[1:], BACKGROUND, dtype=np.uint8)
+    label_map[masks["Skin"]] = SKIN
+    label_map[masks["Lesion"]] = LESION
+    return label_map
 
 
 def store_with_storescu(files: list[Path], port: int, *, called_aet: str) -> None:
