@@ -349,10 +349,12 @@ def process_job(
         return StageOutcome(job_id, JobState.PROCESSING, retry_in=claim.retry_after)
     job = claim.job
     try:
-        analyser = analyser or shared_analyser(settings)
+        # The lease is renewed from the claim on: the first task of a worker process loads
+        # the models, which can take longer than a lease.
         with LeaseRenewal(
             lambda: store.renew_processing_lease(job_id), lease=lease_seconds, what=f"job {job_id}"
         ):
+            analyser = analyser or shared_analyser(settings)
             outputs, finding = build_job_results(
                 job_id, job.spool_path, settings, analyser, received=job.created_at
             )

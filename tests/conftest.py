@@ -91,3 +91,29 @@ def dcmtk() -> None:
     """Skip unless dcmtk (storescu, img2dcm) is installed."""
     for tool in ("storescu", "img2dcm"):
         _need_tool(tool)
+
+
+@pytest.fixture(scope="session")
+def plumbing_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``[model]`` settings for small randomly initialised networks (plumbing tests only)."""
+    return services.write_plumbing_weights(tmp_path_factory.mktemp("plumbing-weights"))
+
+
+@pytest.fixture(scope="session")
+def camera_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small camera photo (64 x 96, ``img2dcm`` JPEG) that bursts are cloned from."""
+    _need_tool("img2dcm")
+    from tests.photos import make_img2dcm_photo, skin_photo_rgb
+
+    return make_img2dcm_photo(tmp_path_factory.mktemp("camera"), skin_photo_rgb(64, 96, seed=5))
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[services.RedisServer]:
+    """A redis-server of this test alone (its own port and folder), stopped afterwards."""
+    _need_tool("redis-server")
+    server = services.RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

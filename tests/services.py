@@ -233,15 +233,39 @@ def c_echo(port: int, *, called_aet: str = "ANY-SCP", calling_aet: str = "ECHOSC
 # Orthanc, the test PACS
 
 
-class Orthanc:
-    """Orthanc on loopback with its own configuration and storage, on free ports."""
+# Orthanc calls this Lua hook for every instance it receives, before storing it, also for
+# an instance it already holds: its log then counts what was sent on the wire.
+_RECEIVED_HOOK = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  print('dermpacs-received ' .. dicom.SOPInstanceUID)
+  return true
+end
+"""
 
-    def __init__(self, workdir: Path, *, aet: str = "ORTHANC") -> None:
+
+class Orthanc:
+    """Orthanc on loopback with its own configuration and storage, on free ports.
+
+    Every instance received is counted in its log (a Lua hook), duplicates included, so that
+    a test can tell "stored once" from "sent once" (:meth:`received_counts`). With ``tls``
+    (certificate, private key, trusted CA files) its DICOM port speaks TLS only.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        aet: str = "ORTHANC",
+        dicom_port: int | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.aet = aet
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
+        hook = workdir / "received.lua"
+        hook.write_text(_RECEIVED_HOOK)
         config = {
             "Name": "dermpacs-test",
             "StorageDirectory": str(workdir / "storage"),
@@ -259,7 +283,19 @@ class Orthanc:
             "DicomScpTimeout": 30,
             "UnknownSopClassAccepted": True,
             "AcceptedTransferSyntaxes": ["1.2.840.10008.1.*"],
+            "LuaScripts": [str(hook)],
         }
+        if tls is not None:
+            certificate, key, ca = tls
+            config.update(
+                {
+                    "DicomTlsEnabled": True,
+                    "DicomTlsCertificate": str(certificate),
+                    "DicomTlsPrivateKey": str(key),
+                    "DicomTlsTrustedCertificates": str(ca),
+                    "DicomTlsRemoteCertificateRequired": False,
+                }
+            )
         self.config_path = workdir / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=2))
         self.process: ServiceProcess | None = None
@@ -284,6 +320,39 @@ class Orthanc:
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+    def received_counts(self) -> dict[str, int]:
+        """How many times each SOP Instance UID was received (all runs of this Orthanc)."""
+        counts: dict[str, int] = {}
+        log = self.workdir / "orthanc.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text.splitlines():
+            marker = line.find("dermpacs-received ")
+            if marker >= 0:
+                uid = line[marker + len("dermpacs-received ") :].strip()
+                counts[uid] = counts.get(uid, 0) + 1
+        return counts
+
+    def instances_by_study(self) -> dict[str, list[dict[str, str]]]:
+        """Every instance Orthanc holds, by Study Instance UID: its SOP Instance UID and its
+        series' modality (three REST calls, whatever the number of studies)."""
+        studies = {
+            s["ID"]: s["MainDicomTags"]["StudyInstanceUID"] for s in self.get("/studies?expand")
+        }
+        series = {
+            s["ID"]: (studies[s["ParentStudy"]], s["MainDicomTags"].get("Modality", ""))
+            for s in self.get("/series?expand")
+        }
+        found: dict[str, list[dict[str, str]]] = {uid: [] for uid in studies.values()}
+        for instance in self.get("/instances?expand"):
+            study, modality = series[instance["ParentSeries"]]
+            found[study].append(
+                {
+                    "sop_instance_uid": instance["MainDicomTags"]["SOPInstanceUID"],
+                    "modality": modality,
+                }
+            )
+        return found
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -491,3 +560,451 @@ def storescu(
         timeout=timeout,
         env={**os.environ, "TCP_NODELAY": "1"},
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection: a Redis of a test's own, certificates, bursts of photos, figures
+
+
+class RedisServer:
+    """A ``redis-server`` of one test: its own port, folder and (optional) password and TLS.
+
+    It can be killed (SIGKILL, by PID) and started again on the same port, which the shared
+    Redis on 6379 must never be. No persistence by default: a restart forgets every queued
+    message, the harshest case for the services above it.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.password = password
+        self.tls = tls
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.process: ServiceProcess | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        """The broker URL, without the password (configured separately)."""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{LOOPBACK}:{self.port}/0"
+
+    def argv(self) -> list[str]:
+        argv = ["redis-server", "--bind", LOOPBACK, "--dir", str(self.workdir)]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        argv += ["--logfile", ""]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        if self.tls:
+            certificate, key, ca = self.tls
+            argv += ["--port", "0", "--tls-port", str(self.port)]
+            argv += ["--tls-cert-file", str(certificate), "--tls-key-file", str(key)]
+            argv += ["--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        else:
+            argv += ["--port", str(self.port)]
+        return argv
+
+    def start(self, timeout: float = 20.0) -> RedisServer:
+        self.starts += 1
+        self.process = ServiceProcess(
+            self.argv(), log_path=self.workdir / "redis.log", cwd=self.workdir
+        )
+        wait_until(lambda: port_open(self.port), timeout=timeout, what="redis-server")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL it (a crash: what it held in memory is gone)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.stop()
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def client(self) -> Any:
+        import redis
+
+        kwargs: dict[str, Any] = {"password": self.password, "socket_timeout": 5}
+        if self.tls:
+            kwargs.update(ssl=True, ssl_ca_certs=str(self.tls[2]))
+        return redis.Redis(LOOPBACK, self.port, **kwargs)
+
+
+class TlsFiles:
+    """A test CA with a server certificate (for 127.0.0.1 and localhost) and a client one.
+
+    Made with ``cryptography`` on the fly: nothing secret lives in the repository.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        import datetime as dt
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        folder.mkdir(parents=True, exist_ok=True)
+        now = dt.datetime.now(dt.UTC)
+
+        def name(common: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+        def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+            path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            path.chmod(0o600)
+            return path
+
+        def write_cert(cert: x509.Certificate, path: Path) -> Path:
+            path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            return path
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(name("dermpacs test CA"))
+            .issuer_name(name("dermpacs test CA"))
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+
+        def issue(common: str, usage: Any, sans: list[Any]) -> tuple[Any, Any]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(name(common))
+                .issuer_name(ca.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            )
+            if sans:
+                builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            return key, builder.sign(ca_key, hashes.SHA256())
+
+        server_key, server = issue(
+            "dermpacs test server",
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))],
+        )
+        client_key, client = issue("CAMERA", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        self.ca = write_cert(ca, folder / "ca.pem")
+        self.server_certificate = write_cert(server, folder / "server.pem")
+        self.server_key = write_key(server_key, folder / "server.key")
+        self.client_certificate = write_cert(client, folder / "client.pem")
+        self.client_key = write_key(client_key, folder / "client.key")
+        # A second CA nobody trusts, for "wrong CA" checks.
+        stranger_key = ec.generate_private_key(ec.SECP256R1())
+        stranger = (
+            x509.CertificateBuilder()
+            .subject_name(name("stranger CA"))
+            .issuer_name(name("stranger CA"))
+            .public_key(stranger_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(stranger_key, hashes.SHA256())
+        )
+        self.stranger_ca = write_cert(stranger, folder / "stranger-ca.pem")
+
+    @property
+    def server(self) -> tuple[Path, Path, Path]:
+        """(certificate, private key, CA) of the server side."""
+        return self.server_certificate, self.server_key, self.ca
+
+
+def clone_photos(template: Path, folder: Path, count: int, *, prefix: str = "photo") -> list[Path]:
+    """``count`` copies of a camera photo, each a new instance in its own new study.
+
+    The camera's bytes (JPEG) are kept; only the UIDs change, so that every copy is a photo
+    of its own with its own results.
+    """
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = dcmread(template)
+    paths = []
+    for i in range(count):
+        source.StudyInstanceUID = generate_uid()
+        source.SeriesInstanceUID = generate_uid()
+        source.SOPInstanceUID = generate_uid()
+        source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+        path = folder / f"{prefix}{i:04d}.dcm"
+        source.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send_photos(
+    port: int,
+    files: Sequence[Path],
+    *,
+    associations: int = 1,
+    called_aet: str = "DERMPACS",
+    calling_aet: str = "CAMERA",
+    on_status: Callable[[Path, int | None], None] | None = None,
+    tls: Any = None,
+) -> dict[Path, int | None]:
+    """Send ``files`` over ``associations`` parallel associations, as several cameras would.
+
+    Returns each file's C-STORE status, or None when it got no answer (the association was
+    refused, aborted or lost before the response). ``on_status`` is called after each
+    answer (from the sender threads). ``tls``: a ``(ssl_context, server_hostname)`` pair.
+    A thread whose association is lost stops: its remaining files are left unanswered, for
+    the caller to send again, as a camera would.
+    """
+    import threading
+
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    statuses: dict[Path, int | None] = dict.fromkeys(files)
+    lock = threading.Lock()
+
+    def one_association(chunk: Sequence[Path]) -> None:
+        if not chunk:
+            return
+        datasets = [(path, dcmread(path)) for path in chunk]
+        ae = AE(ae_title=calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        contexts = sorted(
+            {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
+        )
+        for sop_class, syntax in contexts:
+            ae.add_requested_context(sop_class, [syntax])
+        try:
+            assoc = ae.associate(LOOPBACK, port, ae_title=called_aet, tls_args=tls)
+        except Exception:
+            return
+        if not assoc.is_established:
+            return
+        try:
+            for path, ds in datasets:
+                try:
+                    response = assoc.send_c_store(ds)
+                except Exception:
+                    break
+                status = int(response.Status) if "Status" in response else None
+                with lock:
+                    statuses[path] = status
+                if on_status is not None:
+                    on_status(path, status)
+                if status is None or not assoc.is_established:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    chunks = [list(files[i::associations]) for i in range(associations)]
+    threads = [threading.Thread(target=one_association, args=(c,)) for c in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    return statuses
+
+
+def record_figures(name: str, figures: Mapping[str, Any]) -> None:
+    """Print a test's figures, and keep them as JSON under ``$DERMPACS_FIGURES_DIR``."""
+    line = json.dumps({"test": name, **figures}, default=str)
+    print(f"FIGURES {line}")
+    folder = os.environ.get("DERMPACS_FIGURES_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.json").write_text(
+            json.dumps({"test": name, **figures}, indent=2, default=str) + "\n"
+        )
+
+
+class BlackHole:
+    """A TCP port that accepts connections and never says a word: a peer that hangs."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.port = free_port()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((LOOPBACK, self.port))
+        self._sock.listen(64)
+        self._held: list[socket.socket] = []
+        self._stopped = False
+        self.connections = 0
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._stopped = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        for conn in self._held:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def open_job_store(url: str) -> Any:
+    """A job store on ``url`` for a test to read (and, for an admin step, write)."""
+    from dermpacs.jobs.store import JobStore, make_engine
+
+    return JobStore(make_engine(url, pool_size=2), actor="test")
+
+
+class Stack:
+    """dermpacs as a hospital runs it, for fault tests: listener and worker processes,
+    a Redis of the test's own, a job store, and one or more PACS.
+
+    Settings are written to ``tmp_path/dermpacs.toml``; ``overrides`` replace sections or
+    keys. The networks are plumbing weights (fast; these tests are about the plumbing).
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        model: Mapping[str, Any],
+        database_url: str,
+        broker: RedisServer | None,
+        destinations: list[dict[str, Any]],
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.root = tmp_path / "var"
+        self.database_url = database_url
+        self.broker = broker
+        tree: dict[str, Any] = {
+            "listener": {"ae_title": "DERMPACS", "host": LOOPBACK, "port": self.port},
+            "broker": {"url": broker.url if broker else ""},
+            "storage": {"root": str(self.root), "min_free_mb": 0},
+            "database": {"url": database_url},
+            "model": dict(model),
+            # One crop per photo: a smaller SR, so that bursts of 100 process in seconds.
+            "crops": {"max_crops": 1},
+            "queues": {
+                "inference": {
+                    "name": "inference",
+                    "concurrency": 1,
+                    "time_limit": 60,
+                    "retry_delay": 0.5,
+                    "retry_delay_max": 4.0,
+                },
+                "dispatch": {
+                    "name": "dispatch",
+                    "concurrency": 1,
+                    "time_limit": 60,
+                    "retry_delay": 0.5,
+                    "retry_delay_max": 4.0,
+                },
+            },
+            "jobs": {
+                "reconcile_interval": 2.0,
+                "received_grace": 2.0,
+                "dispatch_grace": 5.0,
+                "lease_timeout": 6.0,
+            },
+            "dispatch": {"acse_timeout": 5.0, "dimse_timeout": 20.0, "network_timeout": 10.0},
+            "destinations": destinations,
+        }
+        for section, values in (overrides or {}).items():
+            if isinstance(values, Mapping) and isinstance(tree.get(section), dict):
+                tree[section] = {**tree[section], **values}
+            else:
+                tree[section] = values
+        self.tree = tree
+        self.config = write_toml(tmp_path / "dermpacs.toml", tree)
+        self.listeners: list[ServiceProcess] = []
+        self.workers: list[ServiceProcess] = []
+        self.env: dict[str, str] = {}
+
+    @property
+    def processes(self) -> list[ServiceProcess]:
+        return self.listeners + self.workers
+
+    def start_listener(self, timeout: float = 60.0) -> ServiceProcess:
+        index = len(self.listeners)
+        listener = dermpacs_process(
+            "listen", self.config, log_path=self.tmp_path / f"listen{index}.log", env=self.env
+        )
+        self.listeners.append(listener)
+        self.wait(
+            lambda: c_echo(self.port, called_aet="DERMPACS"), timeout=timeout, what="listener"
+        )
+        return listener
+
+    def start_worker(self, timeout: float = 90.0) -> ServiceProcess:
+        index = len(self.workers)
+        log = self.tmp_path / f"worker{index}.log"
+        worker = dermpacs_process("worker", self.config, log_path=log, env=self.env)
+        self.workers.append(worker)
+        self.wait(lambda: "ready." in worker.log(), timeout=timeout, what="worker")
+        return worker
+
+    def wait(self, probe: Callable[[], T | None], *, timeout: float, what: str) -> T:
+        """:func:`wait_until`, and on time-out the tails of the logs in the error."""
+        try:
+            return wait_until(probe, timeout=timeout, interval=0.25, what=what)
+        except TimeoutError as exc:
+            tails = "\n".join(
+                f"--- {p.log_path.name} ---\n{p.log()[-3000:]}" for p in self.processes
+            )
+            raise TimeoutError(f"{exc}\n{tails}") from None
+
+    def logs(self) -> str:
+        """Everything every dermpacs process of this stack wrote."""
+        return "\n".join(p.log() for p in self.processes)
+
+    def store(self) -> Any:
+        return open_job_store(self.database_url)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(Exception):
+                process.stop(timeout=30)
