@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # highdicom logs every module it copies at INFO: a dozen lines per result object.
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

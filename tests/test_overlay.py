@@ -138,3 +138,22 @@ def test_pixels_that_do_not_match_the_source_are_refused(sources: dict[str, Sour
     wrong = SourcePhoto(source.kind, source.dataset, source.rgb.astype(np.float32))
     with pytest.raises(ResultBuildError, match="uint8 of shape"):
         _build(wrong)
+
+
+def test_legend_fits_a_narrow_photo_and_starts_with_the_warning() -> None:
+    # A portrait photo once lost "NOT FOR CLINICAL USE" past its right edge: the legend's
+    # first line held the long model version before the warning.
+    rgb, label_map = synthetic_photo(1200, 300)
+    long_version = "seg-0.1.0-synthetic+f632903f/cls-0.1.0-synthetic+facd4451"
+    plain = render_overlay(
+        np.zeros_like(rgb), make_analysis(label_map), algorithm_version=long_version
+    )
+    # The text is white on a dark panel; no white pixel may touch the right-hand margin.
+    panel = plain[:200]
+    white = (panel > 200).all(axis=-1)
+    assert white.any()
+    columns = np.flatnonzero(white.any(axis=0))
+    assert columns.max() < panel.shape[1] - 3
+    # The warning is the first line: white text lies in the first text row band.
+    first_band = white[: panel.shape[0] // 8]
+    assert first_band.any()

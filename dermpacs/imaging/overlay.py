@@ -43,6 +43,7 @@ OVERLAY_SERIES_NUMBER: Final = 9103
 DEFAULT_MAX_LONG_SIDE: Final = 2048
 CROP_BOX_RGB: Final = (255, 255, 255)
 NOT_FOR_CLINICAL_USE: Final = "NOT FOR CLINICAL USE"
+_MIN_FONT_SIZE: Final = 8
 _LEGEND_BACKGROUND_ALPHA: Final = 0.6
 
 
@@ -76,26 +77,33 @@ def _legend_lines(analysis: PhotoAnalysis, algorithm_version: str) -> list[str]:
         basis = "from the whole photo (no qualifying crop)"
     else:
         basis = f"from {len(analysis.crops)} crop(s)"
+    # The warning comes first and the long version string last, so that a narrow photo
+    # never loses the warning to the edge.
     lines = [
-        f"{SOFTWARE_NAME} {algorithm_version} - {NOT_FOR_CLINICAL_USE}",
+        NOT_FOR_CLINICAL_USE,
         f"Finding: {top.label} ({probability:.0%}) {basis}",
         f"AD vs others: {versus} (AD {analysis.atopic_dermatitis_probability:.0%})",
     ]
     if analysis.quality_flags:
         flags = ", ".join(flag.value.replace("_", " ") for flag in analysis.quality_flags)
         lines.append(f"Check: {flags}")
+    lines.append(f"{SOFTWARE_NAME} {algorithm_version}")
     return lines
 
 
 def _draw_legend(image: Image.Image, lines: Sequence[str]) -> None:
-    long_side = max(image.size)
-    font_size = max(10, round(long_side / 50))
-    font = ImageFont.load_default(size=font_size)
     draw = ImageDraw.Draw(image)
+    # Start at 1/50 of the long side and shrink until the longest line fits the width.
+    font_size = max(_MIN_FONT_SIZE, round(max(image.size) / 50))
+    while True:
+        font = ImageFont.load_default(size=font_size)
+        padding = max(3, font_size // 3)
+        text_width = max(draw.textlength(line, font=font) for line in lines)
+        if text_width + 2 * padding <= image.width or font_size <= _MIN_FONT_SIZE:
+            break
+        font_size -= 1
     line_height = round(font_size * 1.25)
-    padding = max(3, font_size // 3)
     key = [("skin", SKIN_DISPLAY_RGB), ("lesion", LESION_DISPLAY_RGB), ("crop", CROP_BOX_RGB)]
-    text_width = max(draw.textlength(line, font=font) for line in lines)
     key_width = sum(line_height + draw.textlength(name, font=font) + padding for name, _ in key)
     width = round(max(text_width, key_width)) + 2 * padding
     height = line_height * (len(lines) + 1) + 2 * padding
