@@ -1002,7 +1002,9 @@ class Stack:
         return "\n".join(p.log() for p in self.processes)
 
     def store(self) -> Any:
-        return open_job_store(self.database_url)
+        """The stack's job store (the SQLite file under the storage root when no URL)."""
+        url = self.database_url or f"sqlite:///{(self.root / 'jobs.sqlite3').resolve()}"
+        return open_job_store(url)
 
     def stop(self) -> None:
         for process in self.processes:

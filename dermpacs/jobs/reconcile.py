@@ -36,12 +36,20 @@ class RequeueSummary:
 
 
 def _publish_all(ids: list[int], publish: Publish, done: list[int], unpublished: list[int]) -> None:
-    for job_id in ids:
+    for index, job_id in enumerate(ids):
         try:
             publish(job_id)
-        except Exception as exc:  # broker down: the job stays where it is, tried next time
-            logger.warning("job %d: could not publish (%s); will retry", job_id, exc)
-            unpublished.append(job_id)
+        except Exception as exc:  # broker down: the jobs stay where they are, tried next time
+            # One line, not one per job, and no waiting on a down broker for every job.
+            rest = ids[index:]
+            logger.warning(
+                "could not publish job %d (%s); %d job(s) left for the next pass",
+                job_id,
+                exc,
+                len(rest),
+            )
+            unpublished.extend(rest)
+            return
         else:
             done.append(job_id)
 
