@@ -979,10 +979,13 @@ class Stack:
         )
         return listener
 
-    def start_worker(self, timeout: float = 90.0) -> ServiceProcess:
+    def start_worker(self, *args: str, timeout: float = 90.0) -> ServiceProcess:
+        """Start ``dermpacs worker ARGS...`` and wait until it is ready."""
         index = len(self.workers)
         log = self.tmp_path / f"worker{index}.log"
-        worker = dermpacs_process("worker", self.config, log_path=log, env=self.env)
+        worker = dermpacs_process(
+            "worker", self.config, log_path=log, env=self.env, extra_args=args
+        )
         self.workers.append(worker)
         self.wait(lambda: "ready." in worker.log(), timeout=timeout, what="worker")
         return worker

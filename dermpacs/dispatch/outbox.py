@@ -199,7 +199,7 @@ def _record_outcomes(
             name,
             row.attempts,
             outcome.error,
-            "; given up" if give_up else f"; next at {next_attempt:%H:%M:%S}",
+            "; given up" if give_up else f"; retry in {(next_attempt - now).total_seconds():.1f} s",
         )
 
 
