@@ -117,6 +117,70 @@ def test_written_set_has_the_documented_layout_and_does_not_depend_on_workers(tm
         assert row["ita_category"] == ita_category(float(row["ita"]))
 
 
+def test_negatives_have_no_skin_and_are_deterministic():
+    scenes = set()
+    for index in range(24):
+        photo = generate_photo(6, index, long_side=192, negative_fraction=1.0)
+        again = generate_photo(6, index, long_side=192, negative_fraction=1.0)
+        assert np.array_equal(photo.image, again.image) and photo.parameters == again.parameters
+        assert photo.label == synth.NEGATIVE_LABEL
+        assert photo.mask.shape == photo.image.shape[:2] and not photo.mask.any()
+        assert photo.parameters["scene"] == "negative" and photo.parameters["skin_fraction"] == 0
+        assert photo.image.std() > 3.0, "a negative shows something, not a flat colour"
+        scenes.add(photo.parameters["background"])
+    assert len(scenes) >= 5, scenes
+
+
+def test_negative_share_leaves_the_other_photos_unchanged():
+    plain = [generate_photo(7, i, long_side=128) for i in range(30)]
+    mixed = [generate_photo(7, i, long_side=128, negative_fraction=0.3) for i in range(30)]
+    negatives = [m for m in mixed if m.label == synth.NEGATIVE_LABEL]
+    assert 3 <= len(negatives) <= 18
+    for p, m in zip(plain, mixed, strict=True):
+        if m.label != synth.NEGATIVE_LABEL:
+            assert np.array_equal(p.image, m.image) and np.array_equal(p.mask, m.mask)
+    with pytest.raises(SynthError):
+        generate_photo(7, 0, negative_fraction=1.5)
+
+
+@pytest.mark.parametrize("kind", synth._OBJECT_KINDS)
+def test_distractor_objects_change_only_the_image(kind):
+    """Objects are drawn into the background layer: something is drawn, nothing else moves."""
+    for seed in range(6):
+        image = np.full((160, 200, 3), 0.5, np.float32)
+        synth._object(np.random.default_rng(seed), image, kind)
+        assert np.isfinite(image).all() and image.min() >= 0.0
+        if np.abs(image - 0.5).max() > 0.05:
+            return
+    pytest.fail(f"{kind}: nothing drawn in six tries")
+
+
+def test_written_set_with_negatives_trains_segmentation_only(tmp_path):
+    from dermpacs.training.dataset import AnnotatedPhotoSet, DatasetError
+
+    labels = write_synthetic_set(tmp_path, count=8, seed=3, long_side=128, negative_fraction=0.5)
+    with open(labels) as handle:
+        rows = list(csv.DictReader(handle))
+    negatives = [r for r in rows if r["label"] == synth.NEGATIVE_LABEL]
+    assert negatives and len(negatives) < len(rows)
+    for row in negatives:
+        mask = np.asarray(Image.open(tmp_path / "masks" / row["image"]))
+        assert not mask.any() and row["ita"] == ""
+    assert len(AnnotatedPhotoSet(tmp_path)) == 8  # segmentation reads any label
+    with pytest.raises(DatasetError, match="none"):
+        AnnotatedPhotoSet(tmp_path, CLASSES)  # the classifier and evaluation refuse negatives
+
+
+def test_colour_helpers_are_the_pipelines():
+    """One CIELAB and one set of ITA boundaries: the generator's labels match the pipeline's."""
+    from dermpacs.inference import skintone
+
+    assert synth.srgb_to_lab is skintone.srgb_to_lab
+    assert synth.ita_category is skintone.ita_category
+    for boundary in (55.0, 41.0, 28.0, 10.0, -30.0):
+        assert ita_category(boundary) != ita_category(boundary + 1e-6)
+
+
 def test_classes_are_drawn_evenly():
     labels = [generate_photo(9, i, long_side=128).label for i in range(80)]
     counts = {c: labels.count(c) for c in CLASSES}

@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="comma-separated subset of the configured classes (default: model.classes)",
     )
+    parser.add_argument(
+        "--negatives",
+        type=float,
+        default=0.0,
+        help="share of photos without skin (label 'none'; for segmentation training only)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -37,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     started = time.perf_counter()
     try:
         rows = iter_write_synthetic_set(
-            args.out, args.count, args.seed, args.size, classes, workers
+            args.out, args.count, args.seed, args.size, classes, workers, args.negatives
         )
         for _ in tqdm(rows, total=args.count, unit="photo", disable=args.no_progress):
             pass

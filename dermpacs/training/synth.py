@@ -42,6 +42,10 @@ from scipy import ndimage
 
 from dermpacs.analysis import BACKGROUND, LESION, SKIN
 
+# one definition of CIELAB and of the ITA categories, shared with the pipeline's skin tone
+from dermpacs.inference.skintone import ita_category as ita_category
+from dermpacs.inference.skintone import srgb_to_lab as srgb_to_lab
+
 CLASSES: tuple[str, ...] = (
     "atopic_dermatitis",
     "mycosis_fungoides",
@@ -79,15 +83,6 @@ LABEL_COLUMNS: tuple[str, ...] = (
     "jpeg_quality",
 )
 
-# ITA° categories (Chardon et al., Int J Cosmet Sci 1991; Del Bino et al. 2013): lower bounds.
-_ITA_CATEGORIES: tuple[tuple[float, str], ...] = (
-    (55.0, "very_light"),
-    (41.0, "light"),
-    (28.0, "intermediate"),
-    (10.0, "tan"),
-    (-30.0, "brown"),
-    (-math.inf, "dark"),
-)
 ITA_RANGE = (-60.0, 72.0)
 #: Least share of the frame a photo's lesions cover (of a quarter of it for small skin areas).
 MIN_LESION_FRACTION = 0.015
@@ -95,14 +90,6 @@ MIN_LESION_FRACTION = 0.015
 
 class SynthError(ValueError):
     """A synthetic set cannot be generated with the arguments given."""
-
-
-def ita_category(ita_degrees: float) -> str:
-    """Name the skin-tone category of an ITA° value (Chardon's six classes)."""
-    for lower, name in _ITA_CATEGORIES:
-        if ita_degrees > lower:
-            return name
-    return "dark"
 
 
 # --------------------------------------------------------------------------- colour
@@ -127,22 +114,6 @@ def lab_to_srgb(lab: np.ndarray | Sequence[float]) -> np.ndarray:
     linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0.0, 1.0)
     srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
     return np.clip(srgb, 0.0, 1.0)
-
-
-def srgb_to_lab(rgb: np.ndarray | Sequence[float]) -> np.ndarray:
-    """Convert sRGB in [0, 1] to CIELAB (D65); the last axis holds R, G, B."""
-    rgb = np.asarray(rgb, dtype=np.float64)
-    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ np.linalg.inv(_XYZ_TO_RGB).T / _D65
-    f = np.where(xyz > (6.0 / 29.0) ** 3, np.cbrt(xyz), xyz / (3 * (6.0 / 29.0) ** 2) + 4 / 29)
-    return np.stack(
-        [
-            116.0 * f[..., 1] - 16.0,
-            500.0 * (f[..., 0] - f[..., 1]),
-            200.0 * (f[..., 1] - f[..., 2]),
-        ],
-        axis=-1,
-    )
 
 
 def _rgb(lab: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -265,10 +236,13 @@ _VIVID = [(55, -30, 20), (45, 10, -45), (35, 5, -35), (50, 55, 35), (70, -15, -1
 
 
 def _palette_colour(rng: np.random.Generator, skin_like_bias: float = 0.35) -> tuple[str, tuple]:
+    """A wall, object or fabric colour: skin-like, warm (orange, red, pink), neutral or vivid."""
     u = rng.random()
     if u < skin_like_bias:
         kind, base = "skin_like", _SKIN_LIKE[rng.integers(len(_SKIN_LIKE))]
-    elif u < skin_like_bias + (1 - skin_like_bias) * 0.55:
+    elif u < skin_like_bias + (1 - skin_like_bias) * 0.3:
+        kind, base = "warm", _WARM[rng.integers(len(_WARM))]
+    elif u < skin_like_bias + (1 - skin_like_bias) * 0.7:
         kind, base = "neutral", _NEUTRAL[rng.integers(len(_NEUTRAL))]
     else:
         kind, base = "vivid", _VIVID[rng.integers(len(_VIVID))]
@@ -308,7 +282,7 @@ def _texture(rng: np.random.Generator, h: int, w: int, kind: str) -> np.ndarray:
 
 
 def _textured_layer(
-    rng: np.random.Generator, h: int, w: int, lab: Sequence[float], texture: str
+    rng: np.random.Generator, h: int, w: int, lab: Sequence[float] | np.ndarray, texture: str
 ) -> np.ndarray:
     tex = _texture(rng, h, w, texture).astype(np.float32)
     return _rgb(lab)[None, None, :] * tex[..., None]
@@ -338,6 +312,327 @@ def _background(rng: np.random.Generator, h: int, w: int, params: dict[str, Any]
         layer *= (1.0 + 0.1 * np.tanh((xx - x0) / 20.0 - 1.0))[..., None]
         region = image[rows, cols]
         region += alpha[..., None] * (layer - region)
+    # things in the room that are not skin but look like it: cups, food, flowers, pets, cloths
+    if rng.random() < 0.5:
+        for _ in range(int(rng.integers(1, 4))):
+            _object(rng, image, str(rng.choice(_OBJECT_KINDS)))
+    return image
+
+
+# --------------------------------------------------------------------------- negatives
+# Photos and backgrounds with things that are not skin but share its colours or its smooth
+# shading: without them a network learns "warm and softly shaded" as skin and takes fur, petals,
+# food, wood, warm fabrics and skies for it (docs/model-card.md, real photographs).
+#: ``label`` of a photo without any skin (a negative): only segmentation trains on it.
+NEGATIVE_LABEL = "none"
+#: Scenes of a negative photo.
+NEGATIVE_SCENES: tuple[str, ...] = ("sky", "foliage", "fur", "wood", "fabric", "table", "room")
+
+# Lab colours of warm fabrics, paint and objects: orange, red, crimson, salmon, pink, rust,
+# amber, beige, terracotta, mauve.
+_WARM = [
+    (62, 45, 62),
+    (50, 62, 45),
+    (40, 55, 28),
+    (70, 35, 25),
+    (78, 22, 6),
+    (48, 35, 45),
+    (72, 18, 62),
+    (82, 6, 24),
+    (55, 30, 35),
+    (60, 28, 0),
+]
+_FUR = [(55, 18, 40), (38, 12, 22), (25, 5, 10), (80, 3, 14), (60, 2, 6), (12, 1, 2), (68, 10, 30)]
+_FOLIAGE = [(45, -25, 35), (35, -20, 25), (55, -30, 45), (30, -10, 18), (62, -15, 55)]
+_AUTUMN = [(60, 25, 60), (50, 40, 45), (70, 5, 65), (40, 25, 30), (45, 50, 35)]
+_FOOD = [(55, 20, 45), (65, 30, 65), (45, 55, 40), (28, 10, 18), (75, 5, 40), (60, 40, 50)]
+
+
+def _jitter(rng: np.random.Generator, base: Sequence[float], spread: float = 1.0) -> np.ndarray:
+    return np.asarray(base, np.float64) + rng.normal(
+        0.0, (4.0 * spread, 4.0 * spread, 5.0 * spread)
+    )
+
+
+def _pick(rng: np.random.Generator, palette: Sequence[tuple[float, ...]], spread: float = 1.0):
+    return _jitter(rng, palette[int(rng.integers(len(palette)))], spread)
+
+
+def _ellipse(
+    rng: np.random.Generator, h: int, w: int, cy: float, cx: float, ry: float, rx: float
+) -> tuple[_Window, np.ndarray, np.ndarray] | None:
+    """A rotated ellipse's window, its coverage there and the normalised radius (0 centre)."""
+    win = _window(cy, cx, max(ry, rx) + 2, h, w)
+    if win is None:
+        return None
+    angle = rng.uniform(0, math.pi)
+    c, s = math.cos(angle), math.sin(angle)
+    u = win.xx * c + win.yy * s
+    v = -win.xx * s + win.yy * c
+    r = np.hypot(u / max(rx, 1.0), v / max(ry, 1.0))
+    return win, _coverage((1.0 - r) * min(rx, ry)), r
+
+
+def _fur_layer(rng: np.random.Generator, h: int, w: int, lab: Sequence[float]) -> np.ndarray:
+    """An animal's coat: fine strands along a slowly turning direction, sometimes tabby bands."""
+    yy, xx = _grid(h, w)
+    angle = rng.uniform(0, 2 * math.pi)
+    warp = 0.6 * _smooth_noise(rng, h, w, rng.uniform(60, 160))
+    c, s = np.cos(angle + warp), np.sin(angle + warp)
+    u = xx * c + yy * s  # along the strands
+    v = -xx * s + yy * c  # across
+    strand_len, strand_w = rng.uniform(6, 16), rng.uniform(0.8, 1.8)
+    span = float(math.hypot(h, w)) + 2
+    grid = rng.standard_normal(
+        (int(2 * span / strand_w) + 4, int(2 * span / strand_len) + 4)
+    ).astype(np.float32)
+    strands = ndimage.map_coordinates(
+        grid, [(v + span) / strand_w, (u + span) / strand_len], order=1, mode="wrap"
+    )
+    tex = 1.0 + rng.uniform(0.12, 0.25) * strands
+    tex *= 1.0 + 0.12 * _smooth_noise(rng, h, w, rng.uniform(20, 50))
+    if rng.random() < 0.4:  # tabby stripes across the strands
+        bands = np.sin((v + 8.0 * _smooth_noise(rng, h, w, 40)) * 2 * math.pi / rng.uniform(14, 40))
+        tex *= np.where(bands > 0.3, rng.uniform(0.45, 0.7), 1.0)
+    return _rgb(lab)[None, None, :] * tex[..., None].astype(np.float32)
+
+
+def _sky_layer(rng: np.random.Generator, h: int, w: int, params: dict[str, Any]) -> np.ndarray:
+    """Sky with clouds: day, overcast, sunset or night; sometimes a horizon of land or sea."""
+    kind = str(rng.choice(["day", "day", "overcast", "sunset", "night"]))
+    yy, _ = _grid(h, w)
+    t = (yy / h).astype(np.float32)[..., None]
+    tops = {
+        "day": (45, 0, -45),
+        "overcast": (75, -1, -6),
+        "sunset": (45, 25, -25),
+        "night": (8, 2, -12),
+    }
+    bottoms = {
+        "day": (78, -6, -18),
+        "overcast": (85, 0, -3),
+        "sunset": (70, 30, 60),
+        "night": (20, 3, -15),
+    }
+    top = _rgb(_jitter(rng, tops[kind]))
+    bottom = _rgb(_jitter(rng, bottoms[kind]))
+    image = top + t * (bottom - top)
+    cover = rng.uniform(0.1, 0.9)
+    clouds = _fractal_noise(rng, h, w, rng.uniform(40, 140), 4)
+    density = np.clip((clouds - (1.0 - 2 * cover)) / 0.8, 0, 1)[..., None]
+    cloud_lab = {
+        "day": (95, 0, 2),
+        "overcast": (70, 0, -3),
+        "sunset": (75, 25, 40),
+        "night": (25, 2, -5),
+    }
+    cloud = _rgb(_jitter(rng, cloud_lab[kind])) * (
+        0.85 + 0.15 * _smooth_noise(rng, h, w, 25)[..., None]
+    )
+    image = image + density * (cloud - image)
+    if kind == "night":  # stars
+        stars = np.frombuffer(rng.bytes(h * w), np.uint8).reshape(h, w) > 252
+        image[stars] = 0.9
+    if rng.random() < 0.6:  # a horizon: hills, trees, sea or roofs
+        line = h * rng.uniform(0.55, 0.9) + h * 0.05 * _smooth_noise(
+            rng, h, w, rng.uniform(30, 120)
+        )
+        ground_kind = str(rng.choice(["foliage", "sea", "roofs"]))
+        if ground_kind == "foliage":
+            ground = _textured_layer(rng, h, w, _pick(rng, _FOLIAGE + _AUTUMN), "plaster")
+            ground *= (1.0 + 0.25 * _fractal_noise(rng, h, w, 6, 3))[..., None]
+        elif ground_kind == "sea":
+            ground = _textured_layer(rng, h, w, _jitter(rng, (40, -5, -25)), "stripes")
+        else:
+            _, lab = _palette_colour(rng, 0.3)
+            ground = _textured_layer(rng, h, w, lab, "checks")
+        _blend(image, _coverage(yy - line), ground)
+        params["negative_detail"] = f"{kind}_{ground_kind}"
+    else:
+        params["negative_detail"] = kind
+    return image.astype(np.float32)
+
+
+def _foliage_layer(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Leaves, green or autumn-coloured, overlapping on dark undergrowth."""
+    image = _textured_layer(rng, h, w, _jitter(rng, (22, -10, 12)), "plaster")
+    autumn = rng.random() < 0.4
+    size = rng.uniform(0.03, 0.08) * max(h, w)
+    for _ in range(int(rng.integers(40, 110))):
+        lab = _pick(rng, _AUTUMN if autumn and rng.random() < 0.7 else _FOLIAGE)
+        shape = _ellipse(
+            rng,
+            h,
+            w,
+            rng.uniform(0, h),
+            rng.uniform(0, w),
+            size * rng.uniform(0.6, 1.3),
+            size * rng.uniform(0.25, 0.5),
+        )
+        if shape is None:
+            continue
+        win, alpha, r = shape
+        colour = _rgb(lab)[None, None, :] * (1.1 - 0.3 * np.clip(r, 0, 1))[..., None]
+        _blend(image[win.rows, win.cols], alpha, colour)
+    return image
+
+
+def _object(rng: np.random.Generator, image: np.ndarray, kind: str) -> None:
+    """Draw one object that is not skin into ``image`` (float RGB) in place."""
+    h, w, _ = image.shape
+    scale = max(h, w) * rng.uniform(0.06, 0.22)
+    cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
+    if kind == "cup":
+        # a cylinder with a shaded body, an elliptical rim, coffee or tea inside and a handle
+        lab = _pick(rng, _WARM + _NEUTRAL[:3] + _SKIN_LIKE)
+        half_w, body_h = scale * 0.5, scale * rng.uniform(0.7, 1.3)
+        win = _window(cy, cx, max(half_w * 1.6, body_h) + 4, h, w)
+        if win is None:
+            return
+        rim_ry = half_w * rng.uniform(0.2, 0.4)
+        top = -body_h / 2
+        body = np.minimum(half_w - np.abs(win.xx), np.minimum(win.yy - top, body_h / 2 - win.yy))
+        bottom_r = np.hypot(win.xx / half_w, (win.yy - body_h / 2) / rim_ry)
+        body = np.maximum(body, (1.0 - bottom_r) * rim_ry)
+        handle_r = np.hypot((win.xx - half_w) / (half_w * 0.45), win.yy / (body_h * 0.3))
+        handle = np.minimum(1.0 - handle_r, handle_r - 0.6) * half_w * 0.3
+        alpha = np.maximum(_coverage(body), _coverage(handle))
+        shade = _cylinder_shade(np.clip(np.abs(win.xx + half_w * 0.3) / half_w, 0, 1), 0.5)
+        layer = _rgb(lab)[None, None, :] * shade[..., None]
+        region = image[win.rows, win.cols]
+        _blend(region, alpha, layer)
+        rim_r = np.hypot(win.xx / half_w, (win.yy - top) / rim_ry)
+        _blend(region, _coverage((1.0 - rim_r) * rim_ry), _rgb((88, 0, 4)))
+        drink = _rgb(_pick(rng, [(25, 12, 22), (40, 18, 40), (60, 10, 35)]))
+        _blend(region, _coverage((0.85 - rim_r) * rim_ry), drink)
+    elif kind in ("fruit", "food"):
+        # round food with radial shading and a highlight: oranges, tomatoes, bread, pastry
+        for _ in range(int(rng.integers(1, 6))):
+            shape = _ellipse(
+                rng,
+                h,
+                w,
+                cy + rng.normal(0, scale * 0.6),
+                cx + rng.normal(0, scale * 0.6),
+                scale * rng.uniform(0.3, 0.6),
+                scale * rng.uniform(0.3, 0.7),
+            )
+            if shape is None:
+                continue
+            win, alpha, r = shape
+            tex = _fine_grain(rng, r.shape[0], r.shape[1], rng.uniform(1.5, 4), 0.12)
+            colour = (
+                _rgb(_pick(rng, _FOOD)) * (tex * (1.1 - 0.45 * np.clip(r, 0, 1) ** 2))[..., None]
+            )
+            region = image[win.rows, win.cols]
+            _blend(region, alpha, colour)
+            highlight = _coverage(
+                (0.25 - np.hypot(win.xx + scale * 0.12, win.yy + scale * 0.12) / scale) * 8
+            )
+            _blend(region, highlight * alpha * 0.6, np.array([1.0, 0.97, 0.9], np.float32))
+    elif kind == "flower":
+        # petals around a disk: dahlias, roses, gerberas in warm or bright colours
+        petal_lab = _pick(rng, _WARM + [(60, 60, -10), (85, 0, 70), (55, 45, -30), (92, 0, 5)])
+        petals = int(rng.integers(5, 16))
+        radius = scale * 0.6
+        win = _window(cy, cx, radius * 1.1 + 3, h, w)
+        if win is None:
+            return
+        theta = np.arctan2(win.yy, win.xx) + rng.uniform(0, math.pi)
+        r = np.hypot(win.xx, win.yy) / radius
+        edge = 0.55 + 0.45 * np.abs(np.cos(theta * petals / 2))
+        alpha = _coverage((edge - r) * radius)
+        vein = 1.0 - 0.25 * r * (1 - np.abs(np.cos(theta * petals / 2)))
+        region = image[win.rows, win.cols]
+        _blend(region, alpha, _rgb(petal_lab)[None, None, :] * vein[..., None])
+        disk = _pick(rng, [(60, 5, 60), (30, 10, 25), (75, -5, 70)])
+        _blend(region, _coverage((0.2 - r) * radius), _rgb(disk))
+    elif kind == "animal":
+        # a resting animal seen from above or the side: a furred body and head with ears
+        lab = _pick(rng, _FUR)
+        win = _window(cy, cx, scale * 1.6 + 4, h, w)
+        if win is None:
+            return
+        body = (1.0 - np.hypot(win.xx / (scale * 1.1), win.yy / (scale * 0.7))) * scale * 0.7
+        hx, hy = scale * rng.choice([-1.0, 1.0]) * 1.0, -scale * 0.45
+        head = (
+            (1.0 - np.hypot((win.xx - hx) / (scale * 0.45), (win.yy - hy) / (scale * 0.4)))
+            * scale
+            * 0.4
+        )
+        ears = np.full(win.yy.shape, -np.inf, np.float32)
+        for side in (-1, 1):
+            ex, ey = hx + side * scale * 0.25, hy - scale * 0.38
+            ears = np.maximum(
+                ears, (scale * 0.16 - np.abs(win.xx - ex) - 0.5 * np.abs(win.yy - ey))
+            )
+        alpha = _coverage(np.maximum(np.maximum(body, head), ears))
+        hh, ww = win.yy.shape
+        layer = (
+            _fur_layer(rng, hh, ww, lab)
+            * _cylinder_shade(
+                np.clip(np.hypot(win.xx / (scale * 1.2), win.yy / (scale * 0.9)), 0, 1), 0.35
+            )[..., None]
+        )
+        region = image[win.rows, win.cols]
+        _blend(region, alpha, layer)
+        for side in (-1, 1):  # eyes
+            er = np.hypot(win.xx - hx - side * scale * 0.16, win.yy - hy + scale * 0.05)
+            _blend(
+                region, _coverage(scale * 0.06 - er), _rgb(_pick(rng, [(55, -5, 50), (20, 0, 5)]))
+            )
+    else:  # "fabric": a draped cloth in a warm colour with folds
+        lab = _pick(rng, _WARM)
+        shape = _ellipse(
+            rng, h, w, cy, cx, scale * rng.uniform(0.8, 1.8), scale * rng.uniform(0.8, 1.8)
+        )
+        if shape is None:
+            return
+        win, alpha, _r = shape
+        hh, ww = alpha.shape
+        texture = str(rng.choice(["plain", "weave", "stripes", "checks"]))
+        layer = _textured_layer(rng, hh, ww, lab, texture)
+        layer *= (1.0 + 0.2 * _smooth_noise(rng, hh, ww, rng.uniform(10, 40)))[..., None]
+        _blend(image[win.rows, win.cols], alpha, layer)
+
+
+_OBJECT_KINDS: tuple[str, ...] = ("cup", "fruit", "food", "flower", "animal", "fabric")
+
+
+def _negative_scene(rng: np.random.Generator, h: int, w: int, params: dict[str, Any]) -> np.ndarray:
+    """A photo without skin: sky, leaves, an animal's coat, wood, cloth, a table or a room,
+    with objects (cups, food, flowers, animals, cloths) in front."""
+    scene = str(rng.choice(NEGATIVE_SCENES))
+    params["background"] = scene
+    if scene == "sky":
+        image = _sky_layer(rng, h, w, params)
+    elif scene == "foliage":
+        image = _foliage_layer(rng, h, w)
+    elif scene == "fur":
+        image = _fur_layer(rng, h, w, _pick(rng, _FUR))
+        image *= (1.0 + 0.15 * _smooth_noise(rng, h, w, max(h, w) / 3))[..., None]
+    elif scene == "wood":
+        lab = _pick(rng, _SKIN_LIKE + [(45, 15, 35), (30, 10, 20), (60, 12, 40)])
+        image = _textured_layer(rng, h, w, lab, "wood")
+        planks = rng.integers(2, 7)
+        yy, xx = _grid(h, w)
+        plank = np.floor(xx / (w / planks)) if rng.random() < 0.5 else np.floor(yy / (h / planks))
+        image *= (0.85 + 0.3 * np.sin(plank * 12.9898) ** 2)[..., None].astype(np.float32)
+    elif scene == "fabric":
+        image = _textured_layer(
+            rng, h, w, _pick(rng, _WARM), str(rng.choice(["plain", "weave", "stripes", "checks"]))
+        )
+        image *= (1.0 + 0.25 * _smooth_noise(rng, h, w, rng.uniform(25, 80)))[..., None]
+    elif scene == "table":
+        lab = _pick(rng, _SKIN_LIKE + _WARM + _NEUTRAL[:2])
+        image = _textured_layer(rng, h, w, lab, str(rng.choice(["wood", "weave", "checks"])))
+    else:
+        image = _background(rng, h, w, {})
+    objects = int(rng.integers(0, 3)) if scene in ("sky", "foliage") else int(rng.integers(1, 6))
+    kinds = ["flower"] if scene == "foliage" else list(_OBJECT_KINDS)
+    for _ in range(objects):
+        _object(rng, image, str(rng.choice(kinds)))
+    params["n_objects"] = objects
     return image
 
 
@@ -981,6 +1276,7 @@ def generate_photo(
     long_side: int = 512,
     classes: Sequence[str] = CLASSES,
     closeup_probability: float = 0.4,
+    negative_fraction: float = 0.0,
 ) -> SyntheticPhoto:
     """Generate photo ``index`` of the synthetic set ``seed``.
 
@@ -994,6 +1290,11 @@ def generate_photo(
         Disease names to draw from, uniformly; each must be one of :data:`CLASSES`.
     closeup_probability
         Share of close-ups; the rest are long shots of a body region.
+    negative_fraction
+        Share of negatives: photos without any skin (skies, leaves, animals, wood, cloth, food,
+        flowers, cups), labelled :data:`NEGATIVE_LABEL` with an all-background mask. Whether
+        photo ``index`` is one is drawn from a stream of its own, so the other photos of a set
+        are the same whatever this share.
 
     Returns
     -------
@@ -1004,6 +1305,11 @@ def generate_photo(
     unknown = [c for c in classes if c not in _LESION_PAINTERS]
     if unknown or not classes:
         raise SynthError(f"unknown classes {unknown}; the generator draws {list(CLASSES)}")
+    if not 0.0 <= negative_fraction <= 1.0:
+        raise SynthError(f"negative_fraction must be within 0..1, got {negative_fraction}")
+    negative_rng = np.random.default_rng([int(seed), int(index), 1])
+    if negative_rng.random() < negative_fraction:
+        return _negative_photo(negative_rng, seed, index, long_side)
     rng = photo_rng(seed, index)
     label = str(classes[int(rng.integers(len(classes)))])
     aspect = float(rng.choice([0.75, 2 / 3, 1.0, 0.75]))
@@ -1085,10 +1391,32 @@ def generate_photo(
     return SyntheticPhoto(pixels, mask, label, params)
 
 
+def _negative_photo(
+    rng: np.random.Generator, seed: int, index: int, long_side: int
+) -> SyntheticPhoto:
+    """A photo without skin: a negative scene through the same light and camera as the others."""
+    aspect = float(rng.choice([0.75, 2 / 3, 1.0, 0.75]))
+    short = 2 * int(round(long_side * aspect / 2))
+    h, w = (short, long_side) if rng.random() < 0.6 else (long_side, short)
+    params: dict[str, Any] = {"seed": seed, "index": index, "width": w, "height": h}
+    photo = _negative_scene(rng, h, w, params)
+    photo = _lighting(rng, photo, params)
+    pixels = _camera(rng, photo, params)
+    params.update(
+        scene="negative",
+        body_region="",
+        n_lesions=0,
+        skin_fraction=0.0,
+        lesion_fraction=0.0,
+    )
+    mask = np.full((h, w), BACKGROUND, np.uint8)
+    return SyntheticPhoto(pixels, mask, NEGATIVE_LABEL, params)
+
+
 # --------------------------------------------------------------------------- a set on disk
-def _write_one(job: tuple[Path, int, int, int, tuple[str, ...]]) -> dict[str, Any]:
-    out, seed, index, long_side, classes = job
-    photo = generate_photo(seed, index, long_side, classes)
+def _write_one(job: tuple[Path, int, int, int, tuple[str, ...], float]) -> dict[str, Any]:
+    out, seed, index, long_side, classes, negative_fraction = job
+    photo = generate_photo(seed, index, long_side, classes, negative_fraction=negative_fraction)
     name = f"synth_{seed}_{index:06d}.png"
     Image.fromarray(photo.image).save(out / "images" / name, compress_level=1)
     Image.fromarray(photo.mask).save(out / "masks" / name, compress_level=1)
@@ -1102,17 +1430,21 @@ def iter_write_synthetic_set(
     long_side: int = 512,
     classes: Sequence[str] = CLASSES,
     workers: int = 1,
+    negative_fraction: float = 0.0,
 ) -> Iterator[dict[str, Any]]:
     """Write ``count`` photos under ``out`` and yield each ``labels.csv`` row as it is done.
 
     ``labels.csv`` is written once all photos are; rows are in index order whatever ``workers``.
+    With ``negative_fraction`` > 0 some rows are negatives (label :data:`NEGATIVE_LABEL`, all
+    background): such a set trains segmentation only; the classifier and the evaluation refuse
+    the label.
     """
     if count < 1:
         raise SynthError(f"count must be at least 1, got {count}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    jobs = [(out, seed, i, long_side, tuple(classes)) for i in range(count)]
+    jobs = [(out, seed, i, long_side, tuple(classes), negative_fraction) for i in range(count)]
     rows: list[dict[str, Any]] = []
     if workers <= 1:
         for job in jobs:
@@ -1137,9 +1469,12 @@ def write_synthetic_set(
     long_side: int = 512,
     classes: Sequence[str] = CLASSES,
     workers: int = 1,
+    negative_fraction: float = 0.0,
 ) -> Path:
     """Write a synthetic set (images/, masks/, labels.csv) and return the path of labels.csv."""
-    for _ in iter_write_synthetic_set(out, count, seed, long_side, classes, workers):
+    for _ in iter_write_synthetic_set(
+        out, count, seed, long_side, classes, workers, negative_fraction
+    ):
         pass
     return Path(out) / "labels.csv"
 
