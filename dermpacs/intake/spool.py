@@ -50,7 +50,8 @@ class Spool:
     storage_root
         The configured ``storage.root``.
     min_free_bytes
-        Refuse to write when the file system has less free space than this.
+        Refuse to write when the file system would be left with less free space than this;
+        0 turns the check off (a full disk still refuses, when the write fails).
     """
 
     def __init__(self, storage_root: Path, *, min_free_bytes: int = 0) -> None:
@@ -91,9 +92,10 @@ class Spool:
         SpoolError
             The write failed, a full disk included (nothing is left behind).
         """
-        free = self.free_bytes()
-        if free - len(encoded) < self.min_free_bytes:
-            raise SpoolFullError(free, self.min_free_bytes)
+        if self.min_free_bytes > 0:  # 0: no watermark, only the disk's own limit
+            free = self.free_bytes()
+            if free - len(encoded) < self.min_free_bytes:
+                raise SpoolFullError(free, self.min_free_bytes)
         token = uuid.uuid4().hex[:12]
         partial = self._incoming / f"{token}.part"
         try:
