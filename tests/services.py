@@ -1013,3 +1013,79 @@ class Stack:
         for process in self.processes:
             with contextlib.suppress(Exception):
                 process.stop(timeout=30)
+
+
+def dicom_file_bytes(
+    body: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
+) -> bytes:
+    """A DICOM file around ``body`` (a data set's bytes, well formed or not): preamble,
+    ``DICM`` and a valid file meta group naming the class, instance and syntax."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return bytes(out.getvalue()) + body
+
+
+def send_raw(
+    port: int,
+    body: bytes,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    folder: Path,
+    calling_aet: str = "CAMERA",
+    called_aet: str = "DERMPACS",
+) -> tuple[int | None, str]:
+    """C-STORE ``body`` exactly as given (no parsing, no re-encoding) over a new association.
+
+    pynetdicom streams a file's bytes after its meta group when
+    ``STORE_SEND_CHUNKED_DATASET`` is on: what a broken or hostile sender puts on the wire.
+    Returns the status (None if none came) and what happened, in words.
+    """
+    from pynetdicom import AE, _config
+
+    path = folder / f"raw-{uuid.uuid4().hex[:8]}.dcm"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        dicom_file_bytes(
+            body,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+        )
+    )
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(sop_class_uid, [transfer_syntax_uid])
+    # Verification too, so that the association stands when the listener rejects the
+    # storage context (pynetdicom aborts an association without any accepted context).
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(LOOPBACK, port, ae_title=called_aet)
+    if not assoc.is_established:
+        return None, "association rejected" if assoc.is_rejected else "association failed"
+    try:
+        if not any(c.abstract_syntax == sop_class_uid for c in assoc.accepted_contexts):
+            return None, "presentation context rejected (nothing sent)"
+        previous = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            response = assoc.send_c_store(path)
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = previous
+        if "Status" not in response:
+            return None, "no response"
+        comment = str(response.get("ErrorComment", ""))
+        return int(response.Status), comment
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -167,8 +167,11 @@ def _check_nesting(header: Dataset, max_depth: int = MAX_SEQUENCE_DEPTH) -> None
             pending.extend((item, depth + 1) for item in items)
 
 
-def _positive_int(header: Dataset, keyword: str) -> int:
-    value = header.get(keyword)
+_IMAGE_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
+
+
+def _positive_int(image: dict[str, object], keyword: str) -> int:
+    value = image.get(keyword)
     if not isinstance(value, int) or value <= 0:
         raise AdmissionRefused(
             StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} missing or not positive"
@@ -227,6 +230,8 @@ def admit(
         sop_instance = header.get("SOPInstanceUID")
         study = header.get("StudyInstanceUID")
         series = header.get("SeriesInstanceUID")
+        # Converted here, where a value of the wrong length (a US of 3 bytes) is caught.
+        image = {keyword: header.get(keyword) for keyword in _IMAGE_KEYWORDS}
     except AdmissionRefused:
         raise
     except Exception as exc:  # a hostile header can raise anything from the parser
@@ -253,11 +258,11 @@ def admit(
                 StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} missing or not a UID"
             )
     try:
-        rows = _positive_int(header, "Rows")
-        columns = _positive_int(header, "Columns")
-        samples = _positive_int(header, "SamplesPerPixel")
-        bits = _positive_int(header, "BitsAllocated")
-        frames = int(header.get("NumberOfFrames") or 1)
+        rows = _positive_int(image, "Rows")
+        columns = _positive_int(image, "Columns")
+        samples = _positive_int(image, "SamplesPerPixel")
+        bits = _positive_int(image, "BitsAllocated")
+        frames = int(image["NumberOfFrames"] or 1)
     except (TypeError, ValueError) as exc:
         raise AdmissionRefused(
             StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"image pixel module: {exc}"
