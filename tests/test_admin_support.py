@@ -202,14 +202,7 @@ def populate_jobs(store: JobStore, root: Path) -> PopulatedJobs:
 
 
 def use_broker(settings: Settings) -> None:
-    """Configure the Celery app for ``settings`` and drop connections to a previous broker.
-
-    Celery keeps a producer pool per app; ``workers.app.configure`` updates the configuration
-    but not the pool, so a test that switches broker in the same process would still publish
-    to the previous one.
-    """
-    from workers.app import app, configure
+    """Configure the Celery app for ``settings`` (configure drops the old broker's pools)."""
+    from workers.app import configure
 
     configure(settings)
-    app._pool = None
-    app.amqp._producer_pool = None

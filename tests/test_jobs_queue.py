@@ -191,3 +191,24 @@ def test_tasks_retry_through_a_job_store_outage_and_are_thin(tmp_path):
         assert task.max_retries is None  # the job store counts attempts, not Celery
         body = inspect.getsource(task.run).split('"""')[-1].strip().splitlines()
         assert len(body) <= 3  # a wrapper: settings, (store,) the stage
+
+
+def test_configure_again_publishes_to_the_new_broker(tmp_path):
+    # Celery kept its producer pool across configure(), so a process configured a second time
+    # (the full test run, a command after the admin page) published to the first broker.
+    import sqlite3
+
+    from dermpacs.config import load_settings
+    from workers.app import configure, publish_processing
+
+    def embedded(root):
+        return load_settings(environ={"DERMPACS__STORAGE__ROOT": str(root)})
+
+    configure(embedded(tmp_path / "first"))
+    publish_processing(1)
+    configure(embedded(tmp_path / "second"))
+    publish_processing(2)
+
+    for root, expected in ((tmp_path / "first", 1), (tmp_path / "second", 1)):
+        with sqlite3.connect(root / "broker.sqlite3") as broker:
+            assert broker.execute("select count(*) from kombu_message").fetchone()[0] == expected
