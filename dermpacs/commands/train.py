@@ -45,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="{}",
         help='network arguments as JSON, e.g. \'{"encoder_name": "efficientnet-b0"}\'',
     )
+    parser.add_argument(
+        "--init", default=None, help="segmentation: start from these weights (fine-tune)"
+    )
+    parser.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        help="segmentation: train on random square windows of this side (multiple of 32)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-mixed-precision", action="store_true", help="float32 on the GPU")
 
@@ -84,6 +93,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         progress=not args.no_progress,
         mixed_precision=not args.no_mixed_precision,
         network=network,
+        init=args.init,
+        crop=args.crop,
     )
     if args.version:
         options.version = args.version

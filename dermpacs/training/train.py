@@ -29,6 +29,11 @@ After every epoch two files are written: the weights (``--out``, safetensors wit
 :mod:`dermpacs.inference.weights`) and a resume checkpoint next to it (``<out>.resume.safetensors``)
 that also holds the optimizer state and the history; the shipped weights never carry optimizer
 state.
+
+Segmentation can start from earlier weights (``init``: fine-tuning, e.g. the shipped reference
+weights on a set with negatives) and train on random square ``crop`` windows of the analysis-scale
+photos: the scale the network sees stays the pipeline's, the cost per sample falls with the area
+(what makes a fine-tune on a CPU affordable).
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ class TrainingOptions:
     mixed_precision: bool = True
     network: dict[str, Any] = field(default_factory=dict)
     crops: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    crop: int = 0
 
 
 @dataclass
@@ -551,6 +558,7 @@ def _metadata(
     dataset: AnnotatedPhotoSet,
     n_train: int,
     device: torch.device,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
     from dermpacs.inference.weights import DEFAULT_MEAN, DEFAULT_STD, WeightsMetadata
 
@@ -567,6 +575,7 @@ def _metadata(
         "dermpacs": __version__,
         "torch": torch.__version__,
         "last_epoch": history[-1] if history else {},
+        **(extra or {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return WeightsMetadata(
@@ -605,7 +614,6 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
     from monai.losses import DiceCELoss
     from monai.metrics import DiceMetric
 
-    from dermpacs.inference.networks import DeepLabV3Plus
     from dermpacs.inference.weights import (
         DEFAULT_MEAN,
         DEFAULT_STD,
@@ -615,6 +623,10 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
 
     if options.long_side % 32:
         raise TrainingError(f"long_side must be a multiple of 32, got {options.long_side}")
+    if options.crop and (options.crop % 32 or not 64 <= options.crop <= options.long_side):
+        raise TrainingError(
+            f"crop must be a multiple of 32 between 64 and long_side, got {options.crop}"
+        )
     device = resolve_device(options.device)
     _prepare_device(device)
     dataset = _open_set(options)
@@ -632,13 +644,22 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
         device,
     )
     torch.manual_seed(options.seed)
-    model = DeepLabV3Plus(out_channels=len(SEGMENTATION_CLASSES), **options.network).to(device)
+    model, init_version = _segmentation_model(options, SEGMENTATION_CLASSES, device)
+    extra: dict[str, Any] = {}
+    if init_version:
+        extra["init"] = init_version  # fine-tuned from these weights
+    if options.crop:
+        extra["crop"] = options.crop
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    # A window, or a negative photo, often holds no lesion (or no skin): a per-sample Dice of an
+    # absent class is 1 for any false positive and swamps the loss, so with windows the Dice is
+    # taken over the whole batch.
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=bool(options.crop))
+    crop = options.crop or arrays.images.shape[-1]
     augment = BatchAugmenter(
         device,
-        arrays.images.shape[-1],
+        crop,
         DEFAULT_MEAN,
         DEFAULT_STD,
         with_label=True,
@@ -652,7 +673,17 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
 
     def train_step(batch: torch.Tensor, step: int) -> torch.Tensor:
         ids = train_ids[batch]
-        x, y = augment(arrays.images[ids], arrays.labels[ids], arrays.valid[ids])
+        images, labels, valid = arrays.images[ids], arrays.labels[ids], arrays.valid[ids]
+        if crop < images.shape[-1]:
+            # one random window per photo, drawn from the epoch-seeded global generator
+            corners = torch.randint(0, images.shape[-1] - crop + 1, (len(ids), 2))
+            images, labels, valid = (
+                torch.stack(
+                    [t[i, :, r : r + crop, c : c + crop] for i, (r, c) in enumerate(corners)]
+                )
+                for t in (images, labels, valid)
+            )
+        x, y = augment(images, labels, valid)
         assert y is not None
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -701,6 +732,7 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
             dataset,
             len(train_idx),
             device,
+            extra,
         )
         save_weights(model, weights_path, metadata)
         save_resume_state(
@@ -722,6 +754,41 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
     return TrainingResult(
         weights_path, checkpoint, epochs, seconds, history, read_metadata(weights_path)
     )
+
+
+def _segmentation_model(
+    options: TrainingOptions, classes: Sequence[str], device: torch.device
+) -> tuple[nn.Module, str]:
+    """A new DeepLabv3+ (``options.network``), or the network of ``options.init`` to fine-tune,
+    with the version of the weights it starts from ("" for a new one).
+
+    Raises
+    ------
+    TrainingError
+        ``init`` is not segmentation weights for ``classes`` at ``long_side``, or ``network``
+        asks for another architecture than the one ``init`` holds.
+    """
+    from dermpacs.inference.networks import DeepLabV3Plus
+    from dermpacs.inference.weights import WeightsError, load_weights
+
+    if not options.init:
+        return DeepLabV3Plus(out_channels=len(classes), **options.network).to(device), ""
+    expected = {"kind": "segmentation", "classes": list(classes), "input_size": options.long_side}
+    try:
+        model, metadata = load_weights(options.init, expected=expected, device=device)
+    except WeightsError as exc:
+        raise TrainingError(f"--init: {exc}") from exc
+    differing = {
+        key: value
+        for key, value in options.network.items()
+        if metadata.architecture_args.get(key) != value
+    }
+    if differing:
+        raise TrainingError(
+            f"--init {options.init} holds {metadata.architecture_args}; --network asks {differing}"
+        )
+    log.info("fine-tuning %s (%s)", options.init, metadata.model_version)
+    return model.to(device), metadata.model_version
 
 
 def train_classifier(options: TrainingOptions, crop_settings: CropSettings) -> TrainingResult:
