@@ -974,8 +974,11 @@ class Stack:
             "listen", self.config, log_path=self.tmp_path / f"listen{index}.log", env=self.env
         )
         self.listeners.append(listener)
+        allowed = self.tree["listener"].get("allowed_calling_aets") or ["ECHOSCU"]
         self.wait(
-            lambda: c_echo(self.port, called_aet="DERMPACS"), timeout=timeout, what="listener"
+            lambda: c_echo(self.port, called_aet="DERMPACS", calling_aet=allowed[0]),
+            timeout=timeout,
+            what="listener",
         )
         return listener
 
