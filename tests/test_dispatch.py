@@ -228,3 +228,51 @@ def test_an_unconfigured_destination_is_given_up_with_a_reason(tmp_path, ready_j
     (row,) = [d for d in store.deliveries(job_id) if d.kind is ResultKind.SEG]
     assert row.state is DeliveryState.FAILED
     assert row.last_error == "destination 'pacs' is not configured"
+
+
+class HangingDestination:
+    """A destination that answers only after ``seconds`` (a peer waiting out a timeout)."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        self.name = name
+        self.seconds = seconds
+
+    def deliver(self, items):
+        import time
+
+        time.sleep(self.seconds)
+        return {i.kind: ItemOutcome(False, "association timed out") for i in items}
+
+
+def test_a_hanging_destination_does_not_hold_up_the_others(tmp_path, ready_job):
+    import threading
+    import time
+
+    store, job_id = ready_job
+    settings = settings_for(tmp_path, max_attempts=5)
+    outbox = FlakyDestination("outbox", failures=0)
+    destinations = {"pacs": HangingDestination("pacs", 3.0), "outbox": outbox}
+    recorded_at: dict[str, float] = {}
+    original = store.record_delivery
+
+    def timed(delivery_id, **kwargs):
+        row = next(d for d in store.deliveries(job_id) if d.id == delivery_id)
+        recorded_at.setdefault(row.destination, time.monotonic())
+        return original(delivery_id, **kwargs)
+
+    store.record_delivery = timed
+    renewals = []
+    store.renew_delivery_leases = lambda ids: renewals.append(list(ids)) or len(ids)
+    settings.jobs.lease_timeout = 1.5  # renewed every 0.5 s while the PACS hangs
+    started = time.monotonic()
+    worker = threading.Thread(
+        target=deliver_job, args=(job_id, settings, store), kwargs={"destinations": destinations}
+    )
+    worker.start()
+    worker.join(30)
+    assert recorded_at["outbox"] - started < 1.5  # recorded while the PACS still hung
+    assert recorded_at["pacs"] - started >= 3.0
+    assert len(renewals) >= 3
+    rows = {(d.destination, d.kind): d for d in store.deliveries(job_id)}
+    assert rows[("outbox", ResultKind.OVERLAY)].state is DeliveryState.DELIVERED
+    assert rows[("pacs", ResultKind.SEG)].state is DeliveryState.PENDING

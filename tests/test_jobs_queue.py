@@ -212,3 +212,29 @@ def test_configure_again_publishes_to_the_new_broker(tmp_path):
     for root, expected in ((tmp_path / "first", 1), (tmp_path / "second", 1)):
         with sqlite3.connect(root / "broker.sqlite3") as broker:
             assert broker.execute("select count(*) from kombu_message").fetchone()[0] == expected
+
+
+def test_a_restarted_broker_gets_every_queued_job_again(store):
+    from dermpacs.jobs.publisher import PeriodicReconciler
+
+    queued = [record(store, n) for n in range(3)]
+    store.mark_queued(queued)
+    waiting = record(store, 9)  # received: not the broker's to lose
+    epochs = iter(["run-a", "run-a", None, "run-b", "run-b"])
+    processing: list[int] = []
+    reconciler = PeriodicReconciler(
+        store,
+        publish_processing=processing.append,
+        publish_dispatch=processing.append,
+        interval=3600,
+        received_grace=timedelta(hours=1),
+        processing_lease=timedelta(hours=1),
+        dispatch_grace=timedelta(hours=1),
+        broker_epoch=lambda: next(epochs),
+    )
+    assert not reconciler.observe_broker()  # the first look: nothing to compare
+    assert not reconciler.observe_broker()  # the same Redis
+    assert not reconciler.observe_broker()  # down: no answer, nothing done
+    assert reconciler.observe_broker()  # another run_id: it restarted
+    assert sorted(processing) == queued and waiting not in processing
+    assert not reconciler.observe_broker()  # once only

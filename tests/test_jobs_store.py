@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -204,6 +205,25 @@ def test_a_sender_that_died_mid_send_is_taken_over_after_its_lease(store: JobSto
     assert store.claim_due_deliveries(job_id, lease=timedelta(hours=1)) == []
     (again,) = store.claim_due_deliveries(job_id, lease=timedelta(0))
     assert again.attempts == 2
+
+
+def test_leases_are_renewed_only_while_held(store: JobStore):
+    job_id = store.record_received(instance(18), model_version=MODEL).job_id
+    assert not store.renew_processing_lease(job_id)  # not processing: nothing to renew
+    store.claim_for_processing(job_id, lease=timedelta(0))
+    before = store.get(job_id).job.updated_at
+    time.sleep(0.01)
+    assert store.renew_processing_lease(job_id)
+    assert store.get(job_id).job.updated_at > before
+    # a renewed lease is fresh: another worker is told to wait
+    busy = store.claim_for_processing(job_id, lease=timedelta(seconds=30))
+    assert busy.status.value == "busy" and 29 < busy.retry_after <= 30
+    store.record_results(job_id, outputs_for(job_id), destinations={"pacs": ["seg"]}, finding=None)
+    assert not store.renew_processing_lease(job_id)
+    (row,) = store.claim_due_deliveries(job_id, lease=timedelta(hours=1))
+    assert store.renew_delivery_leases([row.id]) == 1
+    store.record_delivery(row.id, delivered=True)
+    assert store.renew_delivery_leases([row.id]) == 0
 
 
 def test_results_for_a_destination_object_that_was_not_written_are_refused(store: JobStore):
