@@ -671,7 +671,17 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
     mean = torch.tensor(DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(DEFAULT_STD, device=device).view(1, 3, 1, 1)
 
+    # A fine-tune keeps the batch-norm statistics of the weights it starts from: small batches of
+    # windows, many without skin, would pull them away from whole photos (scale and shift train).
+    frozen_norms = (
+        [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if init_version
+        else []
+    )
+
     def train_step(batch: torch.Tensor, step: int) -> torch.Tensor:
+        for norm in frozen_norms:
+            norm.eval()
         ids = train_ids[batch]
         images, labels, valid = arrays.images[ids], arrays.labels[ids], arrays.valid[ids]
         if crop < images.shape[-1]:
