@@ -19,6 +19,7 @@ from dermpacs.imaging.decode import (
     PhotographError,
     RefusalReason,
     ScaledPhotograph,
+    check_photograph,
     choose_reduction,
     parse_dicom_file,
     read_photograph,
@@ -285,3 +286,39 @@ def test_mutated_jpeg_is_refused_or_read_as_the_full_read_decides(
     else:
         scaled = read_photograph_scaled(ds, target_long_side=16)
         assert scaled.rgb.shape == (*reduced_shape(full.rows, full.columns, scaled.reduction), 3)
+
+
+# --- the full read of a camera JPEG goes through pillow's libjpeg-turbo too ---------------
+
+
+@pytest.mark.parametrize("kind", sorted(_DCT_KINDS))
+def test_full_read_of_colour_jpeg_agrees_with_pydicoms_decoders(kind: str) -> None:
+    from dermpacs.imaging import decode
+
+    ds, _ = make_photo(kind, rows=240, columns=320)
+    fast = read_photograph(ds).rgb.astype(np.int16)
+    header = check_photograph(ds)
+    reference = decode._decode_rgb(ds, header).astype(np.int16)  # pydicom's plug-ins
+    difference = np.abs(fast - reference)
+    # Two libjpeg implementations: IDCT rounding and chroma upsampling differ by a few levels.
+    assert difference.mean() < 1.0, difference.mean()
+    assert np.percentile(difference, 99.9) <= 12
+
+
+def test_full_read_falls_back_to_pydicom_when_pillow_cannot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dermpacs.imaging import decode
+
+    ds, _ = make_photo("img2dcm-vlp-jpeg-baseline")
+    calls: list[int] = []
+
+    def no_pillow(frame: bytes, header: object, reduction: int) -> None:
+        calls.append(reduction)
+        return None
+
+    monkeypatch.setattr(decode, "_decode_jpeg_pillow", no_pillow)
+    photo = read_photograph(ds)
+    assert calls == [1]
+    monkeypatch.undo()
+    assert np.abs(photo.rgb.astype(np.int16) - read_photograph(ds).rgb).mean() < 1.0

@@ -19,6 +19,12 @@ samples (YCbCr for a JFIF JPEG) and convert YBR_FULL and YBR_FULL_422 to RGB the
 the JPEG 2000 decoders undo YBR_ICT and YBR_RCT; the returned pixel description says which
 colour space the array is in, and this module converts only what is still not RGB.
 
+An 8-bit colour JPEG (Baseline or Extended, what cameras send) is decoded by pillow's
+libjpeg-turbo first, which converts YCbCr to RGB as it decodes, as the codestream's markers say:
+a 12-megapixel camera photo takes about 0.15 s there against about 0.6 s through
+pylibjpeg-libjpeg and a numpy colour conversion (docs/benchmarks.md). A frame pillow does not
+read goes to pydicom's decoders as every other photo does, so the refusals stay the same.
+
 :func:`read_photograph_scaled` reads a photograph for analysis at 1/2, 1/4 or 1/8 of its size.
 A baseline or extended JPEG is then decoded by libjpeg's DCT scaling (pillow's ``draft``): only
 the low-frequency coefficients of each block are inverse transformed, so a 12-megapixel camera
@@ -433,7 +439,11 @@ def read_photograph(
         For every object that is not one readable photograph; ``reason`` says why.
     """
     header = check_photograph(dataset, max_megapixels=max_megapixels)
-    rgb = _decode_rgb(dataset, header)
+    rgb: np.ndarray | None = None
+    if _pillow_jpeg(header):
+        rgb = _decode_jpeg_pillow(_first_frame(_pixel_data_bytes(dataset), header), header, 1)
+    if rgb is None:
+        rgb = _decode_rgb(dataset, header)
     return Photograph(
         rgb=rgb,
         sop_class_uid=header.sop_class_uid,
@@ -493,10 +503,10 @@ def read_photograph_scaled(
     header = check_photograph(dataset, max_megapixels=max_megapixels)
     reduction = choose_reduction(header.rows, header.columns, target_long_side)
     rgb: np.ndarray | None = None
-    if reduction > 1 and _dct_scalable(header):
+    if _pillow_jpeg(header):
         frame = _first_frame(_pixel_data_bytes(dataset), header)
-        rgb = _decode_jpeg_reduced(frame, header, reduction)
-    dct_scaled = rgb is not None
+        rgb = _decode_jpeg_pillow(frame, header, reduction)
+    dct_scaled = rgb is not None and reduction > 1
     if rgb is None:
         rgb = _decode_rgb(dataset, header)
         if reduction > 1:
@@ -1153,7 +1163,7 @@ def _decode_frame(dataset: Dataset, header: PhotographHeader) -> tuple[np.ndarra
     """Return the decoded samples, the colour space they are in, and their bits stored.
 
     The one place where pixels are decoded in full, from the checked header alone (the
-    reduced-scale JPEG read of :func:`read_photograph_scaled` is :func:`_decode_jpeg_reduced`).
+    8-bit colour JPEG read by pillow, at full or reduced scale, is :func:`_decode_jpeg_pillow`).
     """
     syntax = UID(header.transfer_syntax_uid)
     decoder = get_decoder(syntax)
@@ -1217,8 +1227,9 @@ def _encapsulate_one(frame: bytes) -> bytes:
     return encapsulate([frame], has_bot=False)
 
 
-def _dct_scalable(header: PhotographHeader) -> bool:
-    """Whether the photo is an 8-bit colour DCT JPEG that libjpeg can decode at reduced scale."""
+def _pillow_jpeg(header: PhotographHeader) -> bool:
+    """Whether the photo is an 8-bit colour DCT JPEG, which pillow's libjpeg-turbo decodes (at
+    full or reduced scale) to RGB in one pass."""
     return (
         header.transfer_syntax_uid in _DCT_SCALABLE_SYNTAXES
         and header.samples_per_pixel == 3
@@ -1227,16 +1238,16 @@ def _dct_scalable(header: PhotographHeader) -> bool:
     )
 
 
-def _decode_jpeg_reduced(
+def _decode_jpeg_pillow(
     frame: bytes, header: PhotographHeader, reduction: int
 ) -> np.ndarray | None:
-    """Decode a JPEG frame at ``1 / reduction`` scale with libjpeg (pillow), or None.
+    """Decode a JPEG frame to RGB with pillow's libjpeg, at ``1 / reduction`` scale, or None.
 
-    None means "decode it in full instead": the frame is not one pillow's libjpeg reads at
-    reduced scale (12-bit samples, unusual components) or it does not decode. Falling back
-    keeps the refusals of :func:`read_photograph`: pydicom's decoders include pillow, so a
-    frame pillow cannot read is refused there with the usual reason, and one it can read
-    would be read there too.
+    ``reduction`` 1 decodes in full; 2, 4 and 8 use libjpeg's DCT scaling. None means "use
+    pydicom's decoders instead": the frame is not one pillow's libjpeg reads this way (12-bit
+    samples, unusual components) or it does not decode. Falling back keeps the refusals of
+    the pydicom path: its decoders include pillow, so a frame pillow cannot read is refused
+    there with the usual reason, and one it can read would be read there too.
     """
     rows, columns = reduced_shape(header.rows, header.columns, reduction)
     try:
@@ -1245,11 +1256,13 @@ def _decode_jpeg_reduced(
             # the codestream says); CMYK, greyscale or anything else goes the full way.
             if image.mode != "RGB" or image.size != (header.columns, header.rows):
                 return None
-            # draft() picks the largest DCT scale whose output is at least the size asked
-            # for; asking for the rounded-down size gives exactly 1 / reduction.
-            image.draft(
-                "RGB", (max(1, header.columns // reduction), max(1, header.rows // reduction))
-            )
+            if reduction > 1:
+                # draft() picks the largest DCT scale whose output is at least the size asked
+                # for; asking for the rounded-down size gives exactly 1 / reduction.
+                image.draft(
+                    "RGB",
+                    (max(1, header.columns // reduction), max(1, header.rows // reduction)),
+                )
             if image.size != (columns, rows):
                 return None
             image.load()
