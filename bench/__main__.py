@@ -110,7 +110,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="networks for the end-to-end part only (default: as the other parts, "
         "DERMPACS_BENCH_MODEL or auto)",
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="an earlier results JSON whose parts are kept where this run does not redo them",
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="measure nothing: write the tables of this results JSON into --docs "
+        "(default docs/benchmarks.md)",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        document = args.docs or DOCUMENT
+        report.write_into(document, report.render(report.load(args.render)))
+        print(f"bench: tables of {args.render} written into {document}")
+        return 0
     parts = [p for p in args.only.split(",") if p] or list(PARTS)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -124,6 +142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "short": args.short,
         "parts": {},
     }
+    if args.merge:
+        earlier = report.load(args.merge)
+        results["parts"] = {
+            name: part for name, part in earlier.get("parts", {}).items() if name not in parts
+        }
+        results["merged_from"] = {
+            "file": str(args.merge),
+            "date": earlier.get("date"),
+            "command": earlier.get("command"),
+            "parts": sorted(results["parts"]),
+        }
     for part in parts:
         extra: list[str] = []
         env: dict[str, str] = {}
@@ -156,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if document and not args.no_docs:
         report.write_into(document, report.render(results))
         print(f"bench: tables written into {document}")
-    failed = [p for p in parts if "error" in results["parts"][p]]
+    failed = [p for p in parts if "error" in results["parts"][p]]  # this run's parts only
     if failed:
         print(f"bench: failed parts: {', '.join(failed)}", file=sys.stderr)
         for part in failed:

@@ -69,12 +69,17 @@ def choose_model(cache: Path = CACHE) -> ModelChoice:
         "classes": classes,
         "device": "cpu",
     }
+    why = (
+        "chosen by DERMPACS_BENCH_MODEL=untrained"
+        if wanted == "untrained"
+        else "the reference weights had not shipped"
+    )
     return ModelChoice(
         section,
         False,
         "UNTRAINED weights of the reference architecture (DeepLabV3Plus efficientnet-b0 "
         f"defaults at long side {UNTRAINED_LONG_SIDE}; default crop classifier at "
-        f"{UNTRAINED_CROP_SIZE} px): timings only, the reference weights had not shipped",
+        f"{UNTRAINED_CROP_SIZE} px): timings only, {why}",
     )
 
 

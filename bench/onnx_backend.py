@@ -72,25 +72,31 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, *, spatial
     return path
 
 
-def onnx_analyser(analyser: Any, folder: Path) -> Any:
-    """An Analyser with the same settings whose networks run in ONNX Runtime (CPU)."""
+def onnx_analyser(analyser: Any, folder: Path, *, export: bool = True) -> Any:
+    """An Analyser with the same settings whose networks run in ONNX Runtime (CPU).
+
+    ``export=False`` loads ``segmentation.onnx`` and ``classifier.onnx`` exported earlier
+    into ``folder`` from the same networks.
+    """
     from dermpacs.inference.pipeline import Analyser
 
     seg_meta = analyser.segmentation_metadata
     cls_meta = analyser.classifier_metadata
     long_side = seg_meta.input_size
-    seg_path = export_onnx(
-        analyser.segmentation,
-        torch.zeros(1, 3, long_side * 3 // 4 // 32 * 32, long_side),
-        folder / "segmentation.onnx",
-        spatial=True,
-    )
-    cls_path = export_onnx(
-        analyser.classifier,
-        torch.zeros(2, 3, cls_meta.input_size, cls_meta.input_size),
-        folder / "classifier.onnx",
-        spatial=False,
-    )
+    seg_path, cls_path = folder / "segmentation.onnx", folder / "classifier.onnx"
+    if export:
+        export_onnx(
+            analyser.segmentation,
+            torch.zeros(1, 3, long_side * 3 // 4 // 32 * 32, long_side),
+            seg_path,
+            spatial=True,
+        )
+        export_onnx(
+            analyser.classifier,
+            torch.zeros(2, 3, cls_meta.input_size, cls_meta.input_size),
+            cls_path,
+            spatial=False,
+        )
     return Analyser(
         OrtNetwork(seg_path),
         seg_meta,
