@@ -180,10 +180,9 @@ def configure(settings: Settings) -> Celery:
     app.conf.update(celery_config(settings))
     # Celery keeps its connection and producer pools across a configuration change, so a
     # process that is configured again (a command after a test, the admin page) would go on
-    # publishing to the previous broker. Drop them; they are rebuilt lazily from app.conf.
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    # publishing to the previous broker. Forget them; they are looked up again from app.conf.
+    # Not force_close_all(): the pools are kombu's, shared by every app on the same broker URL.
+    app._pool = None
     app.amqp._producer_pool = None
     return app
 
