@@ -8,9 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_default_file_matches_embedded_defaults():
-    assert load_settings(REPO / "config" / "dermpacs.toml", environ={}) == load_settings(
-        environ={}
-    )
+    assert load_settings(REPO / "config" / "dermpacs.toml", environ={}) == load_settings(environ={})
 
 
 def test_environment_overrides_a_key():
