@@ -221,6 +221,41 @@ def compare_networks(eager: Any, ort: Any, photo_rgb: np.ndarray) -> dict[str, A
     }
 
 
+def time_networks_interleaved(eager: Any, ort: Any, repeats: int) -> dict[str, Any]:
+    """Both networks alone, eager PyTorch and ONNX Runtime taking turns call by call, so that
+    a disturbance on the machine hits both alike: segmentation at the analysis scale (batch 1)
+    and the classifier on ``max_crops`` crops. Milliseconds, fastest and median."""
+    import torch
+
+    rows = eager.long_side * 3 // 4 // 32 * 32
+    image = torch.randn(1, 3, rows, eager.long_side)
+    crops = torch.randn(eager.crop_settings.max_crops, 3, eager.crop_size, eager.crop_size)
+    calls = {
+        "segmentation_eager": lambda: eager.segmentation(image),
+        "segmentation_onnxruntime": lambda: ort.segmentation(image),
+        "classifier_eager": lambda: eager.classifier(crops),
+        "classifier_onnxruntime": lambda: ort.classifier(crops),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for call in calls.values():
+            call()
+        for _ in range(max(repeats, 3) * 3):
+            for name, call in calls.items():
+                mark = time.perf_counter()
+                call()
+                samples[name].append((time.perf_counter() - mark) * 1000)
+    return {
+        "input": [1, 3, rows, eager.long_side],
+        "crops": int(crops.shape[0]),
+        "calls_each": len(samples["segmentation_eager"]),
+        **{
+            name: {"min_ms": round(min(v), 1), "median_ms": round(statistics.median(v), 1)}
+            for name, v in samples.items()
+        },
+    }
+
+
 def time_torch_compile(analyser: Any, repeats: int) -> dict[str, Any]:
     """Eager vs ``torch.compile`` (inductor) segmentation at the analysis scale, batch 1."""
     import torch
@@ -428,6 +463,7 @@ def run_inference(
         for count in (1, max_crops)
         if not short
     }
+    networks = time_networks_interleaved(eager, ort, 1 if short else repeats)
     compile_result = time_torch_compile(eager, repeats) if compile_check else None
     memory = []
     if rss:
@@ -463,6 +499,7 @@ def run_inference(
         },
         "rows": rows,
         "classifier_batch_ms": classifier_ms,
+        "networks_interleaved": networks,
         "checks": checks,
         "torch_compile": compile_result,
         "worker_memory": memory,

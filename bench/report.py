@@ -183,6 +183,19 @@ def inference_section(result: Mapping[str, Any]) -> list[str]:
         f"{'met' if fastest_met else '**missed**'} on the fastest run.",
         "",
     ]
+    networks = result.get("networks_interleaved")
+    if networks:
+        seg = (networks["segmentation_eager"], networks["segmentation_onnxruntime"])
+        cls = (networks["classifier_eager"], networks["classifier_onnxruntime"])
+        lines += [
+            f"Networks alone, taking turns call by call ({networks['calls_each']} calls each), "
+            f"fastest / median ms: segmentation {'x'.join(map(str, networks['input']))} eager "
+            f"{seg[0]['min_ms']:.0f} / {seg[0]['median_ms']:.0f}, ONNX Runtime "
+            f"{seg[1]['min_ms']:.0f} / {seg[1]['median_ms']:.0f}; classifier on "
+            f"{networks['crops']} crops eager {cls[0]['min_ms']:.0f} / {cls[0]['median_ms']:.0f},"
+            f" ONNX Runtime {cls[1]['min_ms']:.0f} / {cls[1]['median_ms']:.0f}.",
+            "",
+        ]
     classifier = result.get("classifier_batch_ms") or {}
     if classifier:
         lines += [
@@ -249,7 +262,12 @@ def inference_section(result: Mapping[str, Any]) -> list[str]:
         ]
     memory = result.get("worker_memory") or []
     if memory:
-        lines += ["Peak resident memory of a worker-like process (fresh process per row):", ""]
+        lines += [
+            "Peak resident memory of a worker-like process (fresh process per row: models "
+            "loaded, then the same photo twice; full-decode rows also build and write SEG, SR "
+            "and overlay, reduced rows stop at the findings):",
+            "",
+        ]
         lines += _table(
             ["size", "decode", "networks", "models loaded, MiB", "peak, MiB", "method ms"],
             [
