@@ -20,9 +20,11 @@ size decoded, analysed and its results built) is measured in a fresh process per
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -401,6 +403,8 @@ def run_inference(
     model = choose_model()
     eager = make_analyser(model.section)
     folder = Path(tempfile.mkdtemp(prefix="dermpacs-bench-onnx-"))
+    # the exported networks are needed until the last memory run; gone when this process ends
+    atexit.register(shutil.rmtree, folder, True)
     export_started = time.perf_counter()
     from bench.onnx_backend import onnx_analyser
 
