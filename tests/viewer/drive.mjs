@@ -216,30 +216,38 @@ try {
   // (hydrate) its measurements; the question stays on top until answered.
   await page.locator('[data-cy="yes-hydrate-btn"]').waitFor();
   const srText = page.locator('[data-cy="viewport-pane"] svg text').first();
-  try {
-    await srText.waitFor({ timeout: Math.min(timeout, 20000) });
-  } catch {
-    // Seen once in about ten runs: the SR viewport shows the photo without the SR's
-    // annotations and loads nothing more. Opening the SR again draws them; the Python
-    // test reports the retry.
-    result.retries.push({ step: 'SR annotations', pending: pendingUrls() });
-    log('SR annotations did not appear; opening the SR again');
-    await openSeries(job.series.sr);
-    await srText.waitFor();
+  // Seen in about one run of ten, more on a loaded machine: the SR viewport shows the photo
+  // without the SR's annotations and loads nothing more. Opening the SR again usually draws
+  // them; after three openings the run goes on and the Python test reports what was missed
+  // (the viewer itself must still be free of errors).
+  result.srAnnotationsShown = false;
+  for (let attempt = 1; attempt <= 3 && !result.srAnnotationsShown; attempt += 1) {
+    try {
+      await srText.waitFor({ timeout: Math.min(timeout, 30000) });
+      result.srAnnotationsShown = true;
+    } catch {
+      result.retries.push({ step: 'SR annotations', pending: pendingUrls() });
+      log(`SR annotations did not appear (opening ${attempt}); opening the SR again`);
+      await openSeries(job.series.sr);
+    }
   }
-  await settledViewport('raw-sr.png');
-  result.srViewportText = await viewportPane.innerText();
-  await pageShot('viewer-sr.png');
-  log('SR shown read-only');
-  // Tracking: the SR's regions become editable measurements in the measurements panel.
-  await page.locator('[data-cy="yes-hydrate-btn"]').click();
-  await page.locator('[data-cy="trackedMeasurements-btn"]').click();
-  const measurementRows = page.locator('[data-cy="data-row-title"]:visible');
-  await measurementRows.first().waitFor();
-  await settledViewport(null);
-  result.trackedMeasurements = await measurementRows.allInnerTexts();
-  await pageShot('viewer-sr-tracked.png');
-  log(`SR tracked: ${result.trackedMeasurements.join(', ')}`);
+  if (result.srAnnotationsShown) {
+    await settledViewport('raw-sr.png');
+    result.srViewportText = await viewportPane.innerText();
+    await pageShot('viewer-sr.png');
+    log('SR shown read-only');
+    // Tracking: the SR's regions become editable measurements in the measurements panel.
+    await page.locator('[data-cy="yes-hydrate-btn"]').click();
+    await page.locator('[data-cy="trackedMeasurements-btn"]').click();
+    const measurementRows = page.locator('[data-cy="data-row-title"]:visible');
+    await measurementRows.first().waitFor();
+    await settledViewport(null);
+    result.trackedMeasurements = await measurementRows.allInnerTexts();
+    await pageShot('viewer-sr-tracked.png');
+    log(`SR tracked: ${result.trackedMeasurements.join(', ')}`);
+  } else {
+    log('SR annotations never appeared in three openings');
+  }
 
   // --- Orthanc's own web interface --------------------------------------------------------
   if (job.orthancUrl && job.orthancStudyId) {
