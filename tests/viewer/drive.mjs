@@ -193,6 +193,12 @@ try {
   }
   result.segmentTitles = await segmentsPanel.allInnerTexts();
   log(`segments in the panel: ${result.segmentTitles.join(', ')}`);
+  // The segmentation panel narrows the viewport; on a loaded machine OHIF has been seen to keep
+  // the old canvas squeezed into the new width (the photo drawn out of proportion, and every
+  // screenshot after it alike). A change of window size makes it fit the image again.
+  await page.setViewportSize({ width: 1400, height: 899 });
+  await page.waitForTimeout(500);
+  await page.setViewportSize({ width: 1400, height: 900 });
   const hydrated = await settledViewport(null);
   // Each click on an eye of a segment with pixels must change the picture: hide Skin (Lesion
   // alone), hide Lesion (the bare photo), show Lesion again, show Skin again (everything).
