@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -202,7 +203,7 @@ def c_echo(port: int, called_aet: str) -> bool:
 # Receivers
 
 
-class Receiver:
+class Receiver(ABC):
     """A C-STORE receiver under test: a name, a port, an AE title and the process."""
 
     name = "receiver"
@@ -215,8 +216,9 @@ class Receiver:
         self.processes: list[Process] = []
         workdir.mkdir(parents=True, exist_ok=True)
 
+    @abstractmethod
     def start(self, timeout: float = 90.0) -> Receiver:
-        raise NotImplementedError
+        """Start the receiver's processes and return once it answers C-ECHO."""
 
     def stop(self) -> None:
         for process in reversed(self.processes):
