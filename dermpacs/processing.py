@@ -19,6 +19,10 @@ an admin retry still works). A job whose attempts keep killing the worker fails 
 The worker renews its claim while it works (:class:`dermpacs.jobs.lease.LeaseRenewal`), so
 that another worker takes the job over ``jobs.lease_timeout`` after this one died.
 
+A job an admin cancels is skipped when its task arrives; one cancelled while a worker computes
+its results is not moved on by that worker (the job store refuses the change): nothing is
+recorded and no delivery is published.
+
 This module also holds the per-process singletons the worker needs (job store, analyser) and
 :func:`model_version`, which reads the version from the weights' headers without loading
 torch, so that the listener can key jobs on it.
@@ -345,6 +349,9 @@ def process_job(
             logger.error("job %d failed: %s", job_id, reason)
             quarantine_failed_photo(claim.job, reason, settings, store)
         return StageOutcome(job_id, JobState.FAILED)
+    if claim.status is ClaimStatus.CANCELLED:
+        logger.info("job %d was cancelled; task skipped", job_id)
+        return StageOutcome(job_id, JobState.CANCELLED)
     if claim.status is ClaimStatus.BUSY:
         return StageOutcome(job_id, JobState.PROCESSING, retry_in=claim.retry_after)
     job = claim.job
@@ -372,6 +379,9 @@ def process_job(
         state = store.record_processing_failure(
             job_id, _describe(exc), permanent=permanent, max_attempts=policy.max_attempts
         )
+        if state is JobState.CANCELLED:
+            logger.info("job %d was cancelled while it was processed (%s)", job_id, _describe(exc))
+            return StageOutcome(job_id, state)
         if state is JobState.FAILED:
             logger.error(
                 "job %d (SOP Instance %s) failed: %s",
@@ -399,6 +409,11 @@ def process_job(
         finding=finding,
         model_version=analyser.model_version,
     )
+    if state is JobState.CANCELLED:
+        # An admin cancelled the job while this worker computed: nothing is recorded or sent
+        # (the files written under results/ are the same a retry would write).
+        logger.info("job %d was cancelled while it was processed; results not recorded", job_id)
+        return StageOutcome(job_id, state)
     logger.info(
         "job %d (SOP Instance %s): %s, %d objects written",
         job_id,

@@ -395,9 +395,72 @@ def test_retry_of_a_job_that_did_not_fail_changes_nothing(
 ) -> None:
     before = store.get(jobs.delivered)
     response = client.post(f"/jobs/{jobs.delivered}/retry", headers=basic(BOSS))
-    assert "Not retried: only failed jobs can be retried" in response.text
+    assert "Not retried: only failed or cancelled jobs can be retried" in response.text
     assert store.get(jobs.delivered) == before
     assert published.processing == published.dispatch == []
+
+
+def test_an_admin_cancels_an_unfinished_job_with_a_reason(
+    client: TestClient, jobs: PopulatedJobs, store: JobStore, published: Published
+) -> None:
+    page = client.get(f"/jobs/{jobs.queued}", headers=basic(BOSS)).text
+    assert f'action="/jobs/{jobs.queued}/cancel"' in page and 'name="reason"' in page
+    response = client.post(
+        f"/jobs/{jobs.queued}/cancel",
+        headers=basic(BOSS),
+        data={"reason": "sent to dermpacs by mistake"},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+    assert response.headers["location"] == f"/jobs/{jobs.queued}?notice=cancelled"
+    detail = store.get(jobs.queued)
+    assert detail.job.state is JobState.CANCELLED
+    last = detail.events[-1]
+    assert (last.from_state, last.to_state, last.actor, last.reason) == (
+        JobState.QUEUED,
+        JobState.CANCELLED,
+        "admin:boss",
+        "cancelled: sent to dermpacs by mistake",
+    )
+    assert published.processing == published.dispatch == []
+    page = client.get(response.headers["location"], headers=basic(BOSS)).text
+    assert "Cancelled: no worker moves this job on" in page
+    # now it can be retried (an admin's undo), and no longer cancelled
+    assert f'action="/jobs/{jobs.queued}/retry"' in page
+    assert f'action="/jobs/{jobs.queued}/cancel"' not in page
+    listed = client.get("/jobs?state=cancelled", headers=basic(BOSS)).text
+    assert f'data-job="{jobs.queued}"' in listed and f'data-job="{jobs.cancelled}"' in listed
+    retried = client.post(f"/jobs/{jobs.queued}/retry", headers=basic(BOSS))
+    assert "queued for processing again" in retried.text
+    assert published.processing == [jobs.queued]
+    assert store.get(jobs.queued).job.state is JobState.QUEUED
+
+
+def test_cancel_of_a_finished_job_is_refused_and_changes_nothing(
+    client: TestClient, jobs: PopulatedJobs, store: JobStore
+) -> None:
+    for job_id in (jobs.delivered, jobs.failed_processing, jobs.cancelled):
+        before = store.get(job_id)
+        page = client.get(f"/jobs/{job_id}", headers=basic(BOSS)).text
+        assert f'action="/jobs/{job_id}/cancel"' not in page
+        response = client.post(f"/jobs/{job_id}/cancel", headers=basic(BOSS), data={"reason": "x"})
+        assert "Not cancelled: only a job that is not finished can be cancelled" in response.text
+        assert store.get(job_id) == before
+    response = client.post("/jobs/99999/cancel", headers=basic(BOSS))
+    assert "Not cancelled" in response.text or response.status_code == 404
+
+
+def test_read_role_cannot_cancel(client: TestClient, jobs: PopulatedJobs, store: JobStore) -> None:
+    for headers in (basic(READER), bearer(READ_TOKEN)):
+        response = client.post(f"/jobs/{jobs.processing}/cancel", headers=headers)
+        assert response.status_code == 403
+    cross = client.post(
+        f"/jobs/{jobs.processing}/cancel", headers={**basic(BOSS), "Origin": "http://evil.example"}
+    )
+    assert cross.status_code == 403
+    assert store.get(jobs.processing).job.state is JobState.PROCESSING
+    page = client.get(f"/jobs/{jobs.processing}", headers=basic(READER)).text
+    assert "/cancel" not in page and "Cancelling needs the admin role" in page
 
 
 def test_retry_with_the_broker_down_keeps_the_job_for_the_reconciler(
@@ -486,8 +549,9 @@ def test_metrics_count_what_the_job_store_holds(
     assert response.headers["content-type"].startswith("text/plain")
     m = metrics_of(response.text)
     assert m["dermpacs_job_store_up{}"] == 1
-    assert m["dermpacs_photos_received_total{}"] == 7
+    assert m["dermpacs_photos_received_total{}"] == 8
     assert m["dermpacs_photos_processed_total{}"] == 3  # ready, delivered, failed delivery
+    assert m["dermpacs_jobs_cancelled_total{}"] == 1
     assert m["dermpacs_photos_delivered_total{}"] == 1
     assert m["dermpacs_photos_failed_total{stage=processing}"] == 1
     assert m["dermpacs_photos_failed_total{stage=delivery}"] == 1
@@ -499,7 +563,8 @@ def test_metrics_count_what_the_job_store_holds(
     assert m["dermpacs_receive_to_delivered_seconds_count{}"] == 1
     assert m["dermpacs_receive_to_delivered_seconds_bucket{le=+Inf}"] == 1
     # every job that left a state was timed in that stage
-    assert m["dermpacs_stage_seconds_count{stage=publish}"] == 6
+    # (the cancelled job left received, but its time queued was cut short: not counted)
+    assert m["dermpacs_stage_seconds_count{stage=publish}"] == 7
     assert m["dermpacs_stage_seconds_count{stage=queue}"] == 5
     assert m["dermpacs_stage_seconds_count{stage=processing}"] == 4
     assert m["dermpacs_stage_seconds_count{stage=delivery}"] == 2
@@ -612,7 +677,8 @@ def test_store_queue_view_on_both_databases(database_url: str, tmp_path: Path) -
         assert view["dispatch"]["done_per_minute"] == pytest.approx(2 / 5)
         tally = AuditTrailTally(store)
         tally.update()
-        assert (tally.received, tally.processed, tally.delivered) == (7, 3, 1)
+        assert (tally.received, tally.processed, tally.delivered) == (8, 3, 1)
+        assert tally.cancelled == 1
         assert (
             tally.stages["processing"].counts[-1] + sum(tally.stages["processing"].counts[:-1]) == 4
         )

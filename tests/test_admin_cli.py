@@ -19,6 +19,7 @@ import pytest
 
 from dermpacs.admin.auth import verify_password
 from dermpacs.cli import main
+from dermpacs.jobs.models import JobState
 from dermpacs.jobs.store import JobStore
 from tests import services
 from tests.test_admin_support import (
@@ -111,6 +112,78 @@ def test_queues_json_and_table(populated, capsys: pytest.CaptureFixture[str]) ->
     assert lines[0].split()[:3] == ["queue", "stage", "broker"]
     assert lines[1].split()[:5] == ["inference", "inference", "1", "-", "2"]
     assert lines[2].split()[:5] == ["dispatch", "dispatch", "0", "-", "1"]
+
+
+def test_jobs_cancel_list_and_retry(populated, capsys: pytest.CaptureFixture[str]) -> None:
+    import getpass
+
+    config, settings, jobs = populated
+    code, out = run_cli(
+        capsys,
+        "jobs",
+        "--config",
+        str(config),
+        "cancel",
+        str(jobs.queued),
+        str(jobs.results_ready),
+        "--reason",
+        "duplicate study",
+        "--json",
+    )
+    assert code == 0, out
+    assert json.loads(out) == [
+        {"job_id": jobs.queued, "cancelled": True},
+        {"job_id": jobs.results_ready, "cancelled": True},
+    ]
+    store = JobStore.from_settings(settings)
+    try:
+        last = store.get(jobs.queued).events[-1]
+        assert (last.to_state, last.reason) == (JobState.CANCELLED, "cancelled: duplicate study")
+        assert last.actor == f"admin@cli:{getpass.getuser()}"
+    finally:
+        store.dispose()
+    # finished jobs are refused, each with its reason, and the command fails
+    code, out = run_cli(
+        capsys,
+        "jobs",
+        "--config",
+        str(config),
+        "cancel",
+        str(jobs.delivered),
+        str(jobs.failed_processing),
+        str(jobs.queued),
+        "999",
+    )
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == (
+        f"job {jobs.delivered}: job {jobs.delivered} is delivered: only a job that is received, "
+        "queued, processing, results_ready can be cancelled"
+    )
+    assert f"job {jobs.failed_processing} is failed" in lines[1]
+    assert f"job {jobs.queued} is cancelled" in lines[2]
+    assert lines[3] == "job 999: no job 999"
+    code, out = run_cli(
+        capsys, "jobs", "--config", str(config), "list", "--state", "cancelled", "--json"
+    )
+    assert code == 0
+    assert sorted(j["id"] for j in json.loads(out)) == sorted(
+        [jobs.queued, jobs.results_ready, jobs.cancelled]
+    )
+    # retry undoes a cancel: processing again, or delivery where the results exist
+    code, out = run_cli(
+        capsys,
+        "jobs",
+        "--config",
+        str(config),
+        "retry",
+        str(jobs.queued),
+        str(jobs.results_ready),
+        "--json",
+    )
+    assert code == 0, out
+    stages = {r["job_id"]: r["stage"] for r in json.loads(out)}
+    assert stages == {jobs.queued: "processing", jobs.results_ready: "dispatch"}
 
 
 def test_queues_reports_a_broker_that_is_down(

@@ -140,6 +140,7 @@ class PopulatedJobs:
     delivered: int
     failed_processing: int
     failed_delivery: int
+    cancelled: int
 
     def ids(self) -> list[int]:
         return list(self.__dict__.values())
@@ -169,14 +170,15 @@ def _results(store: JobStore, job_id: int, root: Path) -> None:
 
 
 def populate_jobs(store: JobStore, root: Path) -> PopulatedJobs:
-    """Seven jobs: one in each state, and two failures (processing, delivery)."""
+    """Eight jobs: one in each state, and two failures (processing, delivery)."""
     ids = []
-    for n in range(7):
+    for n in range(8):
         outcome = store.record_received(instance(n, caller=f"CAM{n}"), model_version=MODEL)
         ids.append(outcome.job_id)
-    received, queued, processing, ready, delivered, failed_p, failed_d = ids
+    received, queued, processing, ready, delivered, failed_p, failed_d, cancelled = ids
     store.mark_queued(ids[1:])
-    for job_id in ids[2:]:
+    store.cancel(cancelled, reason="sent by mistake", actor="admin:alice")
+    for job_id in ids[2:7]:
         assert store.claim_for_processing(job_id, lease=LEASE).job.state is JobState.PROCESSING
     for job_id in (ready, delivered, failed_d):
         _results(store, job_id, root)
@@ -195,7 +197,9 @@ def populate_jobs(store: JobStore, root: Path) -> PopulatedJobs:
         max_attempts=3,
     )
     assert state is JobState.FAILED
-    jobs = PopulatedJobs(received, queued, processing, ready, delivered, failed_p, failed_d)
+    jobs = PopulatedJobs(
+        received, queued, processing, ready, delivered, failed_p, failed_d, cancelled
+    )
     assert {store.get(i).job.state for i in jobs.ids()} == set(JobState)
     assert all(d.state is DeliveryState.FAILED for d in store.deliveries(failed_d))
     return jobs

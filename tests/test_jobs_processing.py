@@ -279,3 +279,44 @@ def test_a_task_for_an_unknown_job_is_dropped_with_a_warning(settings, store, ca
     outcome = process_job(424242, settings, store=store)
     assert outcome.state is JobState.FAILED and outcome.retry_in is None
     assert "no such job" in caplog.text
+
+
+def test_a_cancelled_job_is_skipped_without_loading_the_models(settings, store, camera_photo):
+    import dermpacs.processing as processing
+
+    job_id = spool(store, camera_photo, settings)
+    store.mark_queued([job_id])
+    store.cancel(job_id, reason="not for AI", actor="admin:alice")
+
+    def no_models(*_args, **_kwargs):
+        raise AssertionError("the analyser must not be loaded for a cancelled job")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(processing, "shared_analyser", no_models)
+        outcome = process_job(job_id, settings, store=store)
+    assert outcome.state is JobState.CANCELLED
+    assert not outcome.publish_dispatch and outcome.retry_in is None
+    assert store.get(job_id).job.attempts == 0
+    assert not (Path(settings.storage.root) / "results" / str(job_id)).exists()
+
+
+def test_a_job_cancelled_while_it_is_processed_records_nothing(
+    settings, store, camera_photo, monkeypatch
+):
+    import dermpacs.processing as processing
+
+    job_id = spool(store, camera_photo, settings)
+    original_build = processing.build_job_results
+
+    def cancelled_meanwhile(*args, **kwargs):
+        store.cancel(job_id, reason="patient withdrew consent", actor="admin:alice")
+        return original_build(*args, **kwargs)
+
+    monkeypatch.setattr(processing, "build_job_results", cancelled_meanwhile)
+    outcome = process_job(job_id, settings, store=store)
+    assert outcome.state is JobState.CANCELLED
+    assert not outcome.publish_dispatch and outcome.retry_in is None
+    detail = store.get(job_id)
+    assert detail.job.state is JobState.CANCELLED
+    assert detail.outputs == () and detail.deliveries == ()
+    assert [e.to_state for e in detail.events][-2:] == [JobState.PROCESSING, JobState.CANCELLED]

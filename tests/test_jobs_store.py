@@ -159,7 +159,7 @@ def test_processing_failures_retry_then_fail_and_an_admin_retry_restarts(store: 
     job = store.get(job_id)
     assert job.job.state is JobState.RECEIVED and job.job.attempts == 0
     assert job.events[-1].actor == "admin"
-    with pytest.raises(JobStoreError, match="not failed"):
+    with pytest.raises(JobStoreError, match="only a failed or cancelled job"):
         store.retry(job_id)
 
 
@@ -288,3 +288,151 @@ def test_reconciler_publishes_stuck_jobs_only(store: JobStore):
     assert sorted(summary.processing) == [stuck, dead_worker]
     assert store.get(dead_worker).job.state is JobState.QUEUED
     assert "worker lease expired" in [e.reason for e in store.get(dead_worker).events]
+
+
+# -- cancel ---------------------------------------------------------------------------------
+
+
+def _job_in(store: JobStore, n: int, state: JobState) -> int:
+    """A job brought to ``state`` through the store's own moves."""
+    job_id = store.record_received(instance(n), model_version=MODEL).job_id
+    if state is JobState.RECEIVED:
+        return job_id
+    store.mark_queued([job_id])
+    if state is JobState.QUEUED:
+        return job_id
+    store.claim_for_processing(job_id, lease=timedelta(minutes=5))
+    if state is JobState.PROCESSING:
+        return job_id
+    store.record_results(job_id, outputs_for(job_id), destinations={"pacs": ["sr"]}, finding="x")
+    if state is JobState.RESULTS_READY:
+        return job_id
+    if state is JobState.FAILED:
+        store.fail(job_id, "given up")
+        return job_id
+    (row,) = store.claim_due_deliveries(job_id, lease=timedelta(minutes=5))
+    store.record_delivery(row.id, delivered=True)
+    assert store.settle_delivery(job_id)[0] is JobState.DELIVERED
+    return job_id
+
+
+@pytest.mark.parametrize(
+    "state",
+    [JobState.RECEIVED, JobState.QUEUED, JobState.PROCESSING, JobState.RESULTS_READY],
+)
+def test_an_unfinished_job_can_be_cancelled_with_actor_and_reason(store: JobStore, state):
+    job_id = _job_in(store, 40, state)
+    assert store.cancel(job_id, reason="  wrong patient ", actor="admin:alice") is (
+        JobState.CANCELLED
+    )
+    detail = store.get(job_id)
+    assert detail.job.state is JobState.CANCELLED
+    last = detail.events[-1]
+    assert (last.from_state, last.to_state) == (state, JobState.CANCELLED)
+    assert (last.actor, last.reason) == ("admin:alice", "cancelled: wrong patient")
+    assert [j.id for j in store.list_jobs(states=[JobState.CANCELLED])] == [job_id]
+    assert store.counts_by_state()[JobState.CANCELLED] == 1
+    assert store.unfinished() == []
+
+
+@pytest.mark.parametrize("state", [JobState.DELIVERED, JobState.FAILED, JobState.CANCELLED])
+def test_a_finished_job_cannot_be_cancelled(store: JobStore, state):
+    job_id = _job_in(store, 41, JobState.QUEUED if state is JobState.CANCELLED else state)
+    if state is JobState.CANCELLED:
+        store.cancel(job_id, reason="first")
+    events = len(store.get(job_id).events)
+    with pytest.raises(JobStoreError, match=rf"job {job_id} is {state.value}: only a job that"):
+        store.cancel(job_id, reason="again")
+    assert store.get(job_id).job.state is state
+    assert len(store.get(job_id).events) == events
+    with pytest.raises(UnknownJobError):
+        store.cancel(9999, reason="none")
+
+
+def test_a_worker_mid_way_cannot_move_a_cancelled_job_on(store: JobStore):
+    job_id = _job_in(store, 42, JobState.PROCESSING)
+    store.cancel(job_id, reason="stop")
+    assert store.renew_processing_lease(job_id) is False
+    assert store.record_results(
+        job_id, outputs_for(job_id), destinations={"pacs": ["sr"]}, finding="x"
+    ) is (JobState.CANCELLED)
+    assert store.record_processing_failure(job_id, "boom", permanent=False, max_attempts=3) is (
+        JobState.CANCELLED
+    )
+    assert store.fail(job_id, "too old") is JobState.CANCELLED
+    assert not store.release_stale(job_id, lease=timedelta(0))
+    assert store.mark_queued([job_id]) == 0
+    claim = store.claim_for_processing(job_id, lease=timedelta(0))
+    assert claim.status is ClaimStatus.CANCELLED
+    detail = store.get(job_id)
+    assert detail.job.state is JobState.CANCELLED
+    assert detail.outputs == () and detail.deliveries == ()
+    assert detail.events[-1].to_state is JobState.CANCELLED
+
+
+def test_pending_deliveries_of_a_cancelled_job_are_not_sent(store: JobStore):
+    job_id = _job_in(store, 43, JobState.RESULTS_READY)
+    store.cancel(job_id, reason="sent to the wrong PACS rule")
+    assert store.claim_due_deliveries(job_id, lease=timedelta(0)) == []
+    assert store.settle_delivery(job_id)[0] is JobState.CANCELLED
+    far = utc_now() + timedelta(days=1)
+    assert store.overdue_dispatch(due_before=far, sending_before=far) == []
+    (row,) = store.deliveries(job_id)
+    assert row.state is DeliveryState.PENDING  # kept for a retry, never taken
+
+
+def test_the_reconciler_and_the_start_up_rule_leave_cancelled_jobs_alone(store: JobStore):
+    ids = [
+        _job_in(store, 50 + i, s)
+        for i, s in enumerate(
+            [JobState.RECEIVED, JobState.QUEUED, JobState.PROCESSING, JobState.RESULTS_READY]
+        )
+    ]
+    for job_id in ids:
+        store.cancel(job_id, reason="bulk")
+    published: list[int] = []
+    summary = requeue_unfinished(
+        store, publish_processing=published.append, publish_dispatch=published.append
+    )
+    assert summary.total == 0
+    later = utc_now() + timedelta(hours=1)
+    summary = reconcile_stalled(
+        store,
+        publish_processing=published.append,
+        publish_dispatch=published.append,
+        received_grace=timedelta(0),
+        processing_lease=timedelta(0),
+        dispatch_grace=timedelta(0),
+        dispatch_lease=timedelta(0),
+        queued_grace=timedelta(0),
+        now=later,
+    )
+    assert summary.total == 0 and published == []
+    assert {store.get(i).job.state for i in ids} == {JobState.CANCELLED}
+
+
+def test_retry_undoes_a_cancel_where_the_job_was(store: JobStore):
+    queued = _job_in(store, 60, JobState.QUEUED)
+    ready = _job_in(store, 61, JobState.RESULTS_READY)
+    for job_id in (queued, ready):
+        store.cancel(job_id, reason="oops")
+    assert store.retry(queued, actor="admin:bob") is RetryStage.PROCESSING
+    assert store.get(queued).job.state is JobState.RECEIVED
+    assert store.retry(ready, actor="admin:bob") is RetryStage.DISPATCH
+    assert store.get(ready).job.state is JobState.RESULTS_READY
+    (row,) = store.claim_due_deliveries(ready, lease=timedelta(minutes=5))
+    assert row.destination == "pacs"
+    last = store.get(ready).events[-1]
+    assert (last.from_state, last.to_state, last.actor) == (
+        JobState.CANCELLED,
+        JobState.RESULTS_READY,
+        "admin:bob",
+    )
+
+
+def test_a_resend_of_a_cancelled_photo_does_not_restart_it(store: JobStore):
+    job_id = _job_in(store, 62, JobState.QUEUED)
+    store.cancel(job_id, reason="duplicate")
+    again = store.record_received(instance(62, spool="/s/again"), model_version=MODEL)
+    assert (again.job_id, again.created, again.needs_queueing) == (job_id, False, False)
+    assert again.state is JobState.CANCELLED

@@ -1,9 +1,13 @@
-"""What an admin may change from the page: start a failed job again.
+"""What an admin may change from the page: start a failed or cancelled job again, cancel an
+unfinished one.
 
 The job store decides where a retried job resumes (:meth:`JobStore.retry`: delivery when its
 results exist, processing otherwise) and writes the audit line with the admin's name; the task
 is then published. When the broker is down the job stays where the retry put it and the
 listener's reconciler publishes it once the broker is back, so a retry is never lost.
+
+A cancel is only a change in the job store (:meth:`JobStore.cancel`): a task already on the
+broker finds the job cancelled and is skipped, so nothing needs taking off the queue.
 """
 
 from __future__ import annotations
@@ -79,3 +83,26 @@ def retry_failed_job(
         return RetryResult(job_id, True, stage.value, published=False)
     logger.info("job %d retried by %s: %s again", job_id, actor, stage.value)
     return RetryResult(job_id, True, stage.value, published=True)
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """Whether a job was cancelled, and if not, why."""
+
+    job_id: int
+    cancelled: bool
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cancel_job(store: JobStore, job_id: int, *, actor: str, reason: str) -> CancelResult:
+    """Cancel an unfinished job, writing ``actor`` and ``reason`` into its audit trail."""
+    try:
+        store.cancel(job_id, reason=reason, actor=actor)
+    except JobStoreError as exc:  # unknown, or delivered / failed / cancelled already
+        logger.warning("job %d not cancelled by %s: %s", job_id, actor, exc)
+        return CancelResult(job_id, False, str(exc))
+    logger.info("job %d cancelled by %s: %s", job_id, actor, reason or "no reason given")
+    return CancelResult(job_id, True)

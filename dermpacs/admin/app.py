@@ -4,8 +4,8 @@ Pages (role ``read``): ``/`` overview (listener, queues, jobs per state, recent 
 refusals), ``/jobs`` (filter by state; ``?state=failed`` lists failures with their reasons),
 ``/jobs/{id}`` (audit trail, outputs, deliveries, overlay thumbnail), ``/destinations``,
 ``/config`` (the effective configuration, secrets masked) and ``/metrics``. Actions (role
-``admin``, POST from the page's own origin only): ``/jobs/{id}/retry`` and
-``/destinations/{name}/test``. ``/healthz`` and ``/readyz`` need no credentials (probes).
+``admin``, POST from the page's own origin only): ``/jobs/{id}/retry``, ``/jobs/{id}/cancel``
+and ``/destinations/{name}/test``. ``/healthz`` and ``/readyz`` need no credentials (probes).
 
 :func:`create_app` builds the app from the settings; its collaborators (job store,
 publishers, probes) can be handed in, which the tests do to count what was published.
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -28,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.process_collector import ProcessCollector
 
 from dermpacs import __version__
-from dermpacs.admin.actions import Publish, retry_failed_job
+from dermpacs.admin.actions import Publish, cancel_job, retry_failed_job
 from dermpacs.admin.auth import (
     AuthenticationRequired,
     Authenticator,
@@ -54,20 +55,31 @@ from dermpacs.admin.redaction import effective_configuration
 from dermpacs.admin.refusals import RefusalLog
 from dermpacs.admin.thumbnails import ThumbnailError, overlay_thumbnail
 from dermpacs.config import ConfigError, Destination, Settings
-from dermpacs.jobs.models import JobState, ResultKind, utc_now
+from dermpacs.jobs.models import (
+    CANCELLABLE_STATES,
+    RETRYABLE_STATES,
+    JobState,
+    ResultKind,
+    utc_now,
+)
 from dermpacs.jobs.store import JobStore, UnknownJobError
 
 logger = logging.getLogger(__name__)
 
 REALM = "dermpacs admin"
 
-# Notices shown after a retry (the redirect carries a code, never free text).
+# Notices shown after a retry or a cancel (the redirect carries a code, never free text).
 RETRY_NOTICES = {
     "processing": "Retried: the job is queued for processing again.",
     "dispatch": "Retried: the results are being delivered again.",
     "unpublished": "Retried, but the broker is unavailable: the job is published when it returns.",
-    "refused": "Not retried: only failed jobs can be retried.",
+    "refused": "Not retried: only failed or cancelled jobs can be retried.",
+    "cancelled": "Cancelled: no worker moves this job on; Retry starts it again.",
+    "cancel-refused": "Not cancelled: only a job that is not finished can be cancelled.",
 }
+GOOD_NOTICES = {"processing", "dispatch", "cancelled"}
+# Longest cancel reason kept in the audit trail (a form field).
+MAX_REASON_LENGTH = 500
 
 
 @dataclass
@@ -335,7 +347,9 @@ def create_app(
             job=detail.job,
             overlay=overlay,
             notice=RETRY_NOTICES.get(notice or ""),
-            notice_ok=notice in {"processing", "dispatch"},
+            notice_ok=notice in GOOD_NOTICES,
+            retryable=detail.job.state in RETRYABLE_STATES,
+            cancellable=detail.job.state in CANCELLABLE_STATES,
         )
 
     @app.get("/jobs/{job_id}/overlay.png")
@@ -368,6 +382,16 @@ def create_app(
             notice = "unpublished"
         else:
             notice = str(result.stage)
+        return RedirectResponse(f"/jobs/{job_id}?notice={notice}", status_code=303)
+
+    @app.post("/jobs/{job_id}/cancel")
+    async def job_cancel(request: Request, job_id: int, principal: Admin) -> Response:
+        # The page's form is url-encoded (python-multipart, which FastAPI's Form needs, is
+        # not a dependency for one field).
+        fields = parse_qs((await request.body()).decode("utf-8", "replace"))
+        reason = (fields.get("reason") or [""])[0].strip()[:MAX_REASON_LENGTH]
+        result = cancel_job(store, job_id, actor=principal.actor, reason=reason)
+        notice = "cancelled" if result.cancelled else "cancel-refused"
         return RedirectResponse(f"/jobs/{job_id}?notice={notice}", status_code=303)
 
     def destinations_page(

@@ -41,7 +41,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from dermpacs.jobs.models import Delivery, Job, JobEvent, JobState, utc_now
+from dermpacs.jobs.models import (
+    RETRYABLE_STATES,
+    TERMINAL_STATES,
+    Delivery,
+    Job,
+    JobEvent,
+    JobState,
+    utc_now,
+)
 from dermpacs.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -52,7 +60,6 @@ STAGE_OF_STATE = {
     JobState.PROCESSING: "processing",
     JobState.RESULTS_READY: "delivery",
 }
-TERMINAL_STATES = (JobState.DELIVERED, JobState.FAILED)
 # Seconds. Receipt to delivery spans processing and a PACS round trip; stages are shorter.
 END_TO_END_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -111,6 +118,7 @@ class AuditTrailTally:
         self.processed = 0
         self.delivered = 0
         self.retried = 0
+        self.cancelled = 0
         self.failed: dict[str, int] = {}
         self.end_to_end = CumulativeHistogram(END_TO_END_BUCKETS)
         self.stages = {
@@ -173,7 +181,7 @@ class AuditTrailTally:
         from_state = None if from_state is None else JobState(from_state)
         if from_state is None:
             self.received += 1
-        elif from_state is JobState.FAILED:
+        elif from_state in RETRYABLE_STATES:
             self.retried += 1
         if to_state is JobState.RESULTS_READY and from_state is JobState.PROCESSING:
             self.processed += 1
@@ -183,8 +191,16 @@ class AuditTrailTally:
         elif to_state is JobState.FAILED:
             stage = "delivery" if from_state is JobState.RESULTS_READY else "processing"
             self.failed[stage] = self.failed.get(stage, 0) + 1
+        elif to_state is JobState.CANCELLED:
+            self.cancelled += 1
         previous = self._progress.get(job_id)
-        if previous is not None and from_state is previous.state and from_state in STAGE_OF_STATE:
+        # A cancel cuts a stage short: its time says nothing about how long the stage takes.
+        if (
+            previous is not None
+            and from_state is previous.state
+            and from_state in STAGE_OF_STATE
+            and to_state is not JobState.CANCELLED
+        ):
             seconds = max(0.0, (at - previous.at).total_seconds())
             self.stages[STAGE_OF_STATE[from_state]].observe(seconds)
         if to_state in TERMINAL_STATES:
@@ -301,8 +317,11 @@ class JobStoreCollector(Collector):
         yield failed
         yield CounterMetricFamily(
             "dermpacs_jobs_retried",
-            "Failed jobs started again (admin retry or resend).",
+            "Failed or cancelled jobs started again (admin retry or resend).",
             tally.retried,
+        )
+        yield CounterMetricFamily(
+            "dermpacs_jobs_cancelled", "Jobs cancelled by an admin.", tally.cancelled
         )
         end_to_end = HistogramMetricFamily(
             "dermpacs_receive_to_delivered_seconds",

@@ -1,13 +1,21 @@
-"""``dermpacs jobs``: list jobs, show one with its audit trail, retry failed ones."""
+"""``dermpacs jobs``: list jobs, show one with its audit trail, retry failed or cancelled
+ones, cancel unfinished ones."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from dermpacs.config import ConfigError, Settings
 from dermpacs.jobs.models import JobState, utc_now
+
+if TYPE_CHECKING:
+    from dermpacs.jobs.store import JobStore
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="one job: identifiers, audit trail, outputs, deliveries")
     show.add_argument("job_id", type=int)
     show.add_argument("--json", action="store_true")
-    retry = sub.add_parser("retry", help="start failed jobs again")
+    retry = sub.add_parser("retry", help="start failed or cancelled jobs again")
     retry.add_argument("job_ids", type=int, nargs="+")
     retry.add_argument("--json", action="store_true")
+    cancel = sub.add_parser(
+        "cancel", help="stop unfinished jobs (received, queued, processing or results_ready)"
+    )
+    cancel.add_argument("job_ids", type=int, nargs="+")
+    cancel.add_argument(
+        "--reason", default="", help="why (written to the audit trail with your name)"
+    )
+    cancel.add_argument("--json", action="store_true")
 
 
 def _short(text: str | None, width: int = 60) -> str:
@@ -46,7 +62,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from dermpacs.jobs.store import JobStore, JobStoreError, UnknownJobError
 
     try:
-        store = JobStore.from_settings(settings, actor="admin@cli")
+        store = JobStore.from_settings(settings, actor=cli_actor())
     except ConfigError as exc:
         print(f"dermpacs jobs: {exc}")
         return 2
@@ -113,6 +129,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     f"(attempts {d.attempts}) {_short(d.last_error)}"
                 )
             return 0
+        if args.action == "cancel":
+            return _cancel(store, args)
         # retry
         from dermpacs.jobs.store import RetryStage
         from workers.app import configure, publish_dispatch, publish_processing
@@ -155,3 +173,36 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 1 if failures else 0
     finally:
         store.dispose()
+
+
+def cli_actor() -> str:
+    """Who runs the command, for the audit trail (``admin@cli:<login>``)."""
+    import getpass
+
+    try:
+        login = getpass.getuser()
+    except Exception:  # no login name (a container without a passwd entry)
+        return "admin@cli"
+    return f"admin@cli:{login}"
+
+
+def _cancel(store: JobStore, args: argparse.Namespace) -> int:
+    from dermpacs.jobs.store import JobStoreError
+
+    actor = store.actor
+    report = []
+    for job_id in args.job_ids:
+        try:
+            store.cancel(job_id, reason=args.reason)
+        except JobStoreError as exc:  # unknown, or delivered / failed / cancelled already
+            logger.warning("job %d not cancelled: %s", job_id, exc)
+            report.append({"job_id": job_id, "cancelled": False, "error": str(exc)})
+            continue
+        logger.info("job %d cancelled by %s: %s", job_id, actor, args.reason or "no reason")
+        report.append({"job_id": job_id, "cancelled": True})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for r in report:
+            print(f"job {r['job_id']}: {'cancelled' if r['cancelled'] else r['error']}")
+    return 0 if all(r["cancelled"] for r in report) else 1

@@ -38,7 +38,8 @@ class JobState(enum.StrEnum):
     ``queued``: a processing task was published. ``processing``: a worker claimed it.
     ``results_ready``: SEG, SR and overlay written, deliveries pending.
     ``delivered``: every destination acknowledged every object. ``failed``: given up; an
-    admin may retry it.
+    admin may retry it. ``cancelled``: stopped by an admin (from any unfinished state); no
+    stage moves it on, and only an admin retry starts it again.
     """
 
     RECEIVED = "received"
@@ -47,6 +48,7 @@ class JobState(enum.StrEnum):
     RESULTS_READY = "results_ready"
     DELIVERED = "delivered"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 UNFINISHED_STATES = (
@@ -55,6 +57,10 @@ UNFINISHED_STATES = (
     JobState.PROCESSING,
     JobState.RESULTS_READY,
 )
+# An admin may cancel a job that is not finished, and retry one that failed or was cancelled.
+CANCELLABLE_STATES = UNFINISHED_STATES
+RETRYABLE_STATES = (JobState.FAILED, JobState.CANCELLED)
+TERMINAL_STATES = (JobState.DELIVERED, JobState.FAILED, JobState.CANCELLED)
 
 
 class DeliveryState(enum.StrEnum):

@@ -27,6 +27,9 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from dermpacs.config import Settings, read_secret_file
 from dermpacs.jobs.models import (
+    CANCELLABLE_STATES,
+    RETRYABLE_STATES,
+    TERMINAL_STATES,
     UNFINISHED_STATES,
     Base,
     Delivery,
@@ -38,6 +41,7 @@ from dermpacs.jobs.models import (
     ResultKind,
     utc_now,
 )
+from dermpacs.jobs.schema import upgrade_schema
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +218,7 @@ class ClaimStatus(StrEnum):
     BUSY = "busy"  # another worker holds a fresh lease: try again after ``retry_after``
     DONE = "done"  # results exist already (or delivered): nothing to do
     FAILED = "failed"  # the job was given up: only an admin retry starts it again
+    CANCELLED = "cancelled"  # an admin cancelled it: skip it (only an admin retry restarts it)
 
 
 @dataclass(frozen=True)
@@ -378,8 +383,17 @@ class JobStore:
         return store
 
     def create_schema(self) -> None:
-        """Create the tables that do not exist yet."""
-        Base.metadata.create_all(self.engine)
+        """Create the tables that do not exist yet and upgrade those an older dermpacs made.
+
+        See :func:`dermpacs.jobs.schema.upgrade_schema` (columns added, enum constraints
+        widened, missing indexes created; one transaction under a lock).
+
+        Raises
+        ------
+        SchemaUpgradeError
+            The database cannot be upgraded automatically.
+        """
+        upgrade_schema(self.engine, Base.metadata)
 
     def dispose(self) -> None:
         """Close pooled connections."""
@@ -531,6 +545,8 @@ class JobStore:
                 return Claim(ClaimStatus.DONE, JobSnapshot.of(job))
             if state is JobState.FAILED:
                 return Claim(ClaimStatus.FAILED, JobSnapshot.of(job))
+            if state is JobState.CANCELLED:
+                return Claim(ClaimStatus.CANCELLED, JobSnapshot.of(job))
             if state is JobState.PROCESSING:
                 age = now - job.updated_at
                 if age < lease:
@@ -631,7 +647,7 @@ class JobStore:
         with self._session() as session:
             job = self._locked_job(session, job_id)
             if job.state is not JobState.PROCESSING:
-                # Someone else finished (or an admin failed) it while we worked.
+                # Someone else finished it, or an admin failed or cancelled it, while we worked.
                 return JobState(job.state)
             existing = {ResultKind(o.kind): o for o in job.outputs}
             for output in outputs:
@@ -721,11 +737,14 @@ class JobStore:
 
         Pending rows whose ``next_attempt_at`` has passed, and ``sending`` rows whose sender
         has held them longer than ``lease`` (it died), move to ``sending`` with one more
-        attempt. Two dispatchers of the same job never take the same row.
+        attempt. Two dispatchers of the same job never take the same row. A job that is not
+        ``results_ready`` (an admin cancelled it) gives none.
         """
         now = now or utc_now()
         with self._session() as session:
-            self._locked_job(session, job_id)
+            job = self._locked_job(session, job_id)
+            if job.state is not JobState.RESULTS_READY:
+                return []  # cancelled (or settled) since the dispatcher looked
             rows = session.execute(
                 select(Delivery)
                 .where(Delivery.job_id == job_id)
@@ -825,26 +844,59 @@ class JobStore:
         """Give a job up (used when it is too old, or by an admin)."""
         with self._session() as session:
             job = self._locked_job(session, job_id)
-            if job.state in (JobState.DELIVERED, JobState.FAILED):
+            if job.state in TERMINAL_STATES:
                 return JobState(job.state)
             job.last_error = reason
             self._move(session, job, JobState.FAILED, reason, actor=actor)
             session.commit()
             return JobState.FAILED
 
+    def cancel(self, job_id: int, *, reason: str, actor: str | None = None) -> JobState:
+        """Cancel a job that is not finished (an admin's decision, written to the audit trail).
+
+        From ``received`` or ``queued`` the job is simply never taken (a worker that gets its
+        message skips it). From ``processing`` the worker finishes its computation, but every
+        state change it then asks for is refused: it records no results and publishes no
+        delivery. From ``results_ready`` the deliveries still pending are not sent (a
+        dispatcher takes rows only from a ``results_ready`` job); objects already handed to a
+        PACS stay there. :meth:`retry` undoes a cancel.
+
+        Raises
+        ------
+        UnknownJobError
+            No such job.
+        JobStoreError
+            The job is delivered, failed or cancelled already.
+        """
+        reason = reason.strip() or "no reason given"
+        with self._session() as session:
+            job = self._locked_job(session, job_id)
+            if job.state not in CANCELLABLE_STATES:
+                raise JobStoreError(
+                    f"job {job_id} is {job.state.value}: only a job that is "
+                    f"{', '.join(s.value for s in CANCELLABLE_STATES)} can be cancelled"
+                )
+            self._move(session, job, JobState.CANCELLED, f"cancelled: {reason}", actor=actor)
+            session.commit()
+            return JobState.CANCELLED
+
     def retry(self, job_id: int, *, actor: str | None = None) -> RetryStage:
-        """Start a failed job again: dispatch if its results exist, processing otherwise.
+        """Start a failed or cancelled job again: dispatch if its results exist, processing
+        otherwise.
 
         Raises
         ------
         JobStoreError
-            When the job is not failed.
+            When the job is neither failed nor cancelled.
         """
         now = utc_now()
         with self._session() as session:
             job = self._locked_job(session, job_id)
-            if job.state is not JobState.FAILED:
-                raise JobStoreError(f"job {job_id} is {job.state.value}, not failed")
+            if job.state not in RETRYABLE_STATES:
+                raise JobStoreError(
+                    f"job {job_id} is {job.state.value}: only a failed or cancelled job can "
+                    "be retried"
+                )
             job.last_error = None
             if job.outputs and job.deliveries:
                 for row in job.deliveries:
@@ -910,7 +962,7 @@ class JobStore:
             return [JobSnapshot.of(j) for j in session.execute(query).scalars()]
 
     def unfinished(self, *, updated_before: datetime | None = None) -> list[JobSnapshot]:
-        """Jobs not yet delivered nor failed, oldest first."""
+        """Jobs not yet delivered, failed nor cancelled, oldest first."""
         return self.list_jobs(
             states=UNFINISHED_STATES,
             updated_before=updated_before,
