@@ -12,6 +12,7 @@ import html
 import io
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -28,12 +29,14 @@ from dermpacs.admin.auth import (
     hash_password,
     verify_password,
 )
-from dermpacs.admin.checks import c_echo, check_destination, find_destination
+from dermpacs.admin.checks import check_destination, find_destination
 from dermpacs.admin.metrics import AuditTrailTally, CumulativeHistogram
 from dermpacs.admin.queues import inspect_queues, store_queue_view
 from dermpacs.admin.redaction import MASK, effective_configuration, mask_url_credentials
 from dermpacs.admin.refusals import RefusalLog
 from dermpacs.config import ConfigError, Settings
+from dermpacs.dispatch.destinations import peer_address
+from dermpacs.dispatch.scu import PeerAddress, SenderTimeouts, echo
 from dermpacs.jobs.models import JobEvent, JobState, utc_now
 from dermpacs.jobs.store import JobStore, make_engine
 from tests import services
@@ -757,14 +760,73 @@ def test_c_echo_and_destination_check_against_a_real_scp(settings: Settings) -> 
         settings.destinations[1].port = port
         check = check_destination(find_destination(settings, "pacs"), settings)
         assert check.ok and check.status == 0 and check.detail == "success", check
-        stranger = c_echo(
-            "127.0.0.1", port, called_ae_title="PACS", calling_ae_title="NOBODY", timeout=2
+        stranger = echo(
+            PeerAddress(ae_title="PACS", host="127.0.0.1", port=port, calling_ae_title="NOBODY"),
+            SenderTimeouts(acse=2, dimse=2, network=2),
         )
         assert not stranger.ok and stranger.reachable and "rejected" in stranger.detail
     finally:
         server.shutdown()
     closed = check_destination(find_destination(settings, "pacs"), settings)
     assert not closed.ok and closed.status is None
+
+
+def start_tls_scp(tls: services.TlsFiles) -> Any:
+    """A Verification SCP on loopback that speaks TLS only and wants a client certificate
+    from our CA."""
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.server_certificate), str(tls.server_key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(Verification)
+    return scp.start_server(("127.0.0.1", 0), block=False, ssl_context=context)
+
+
+def test_c_echo_of_a_tls_destination_uses_its_tls_settings_as_delivery_does(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    from dermpacs.dispatch.destinations import open_destination
+
+    tls = services.TlsFiles(tmp_path / "tls")
+    server = start_tls_scp(tls)
+    try:
+        pacs = find_destination(settings, "pacs")
+        pacs.port = server.server_address[1]
+        plain = check_destination(pacs, settings)
+        assert not plain.ok and plain.status is None  # a plain association to a TLS port
+        pacs.tls = True
+        pacs.tls_ca_certificates = str(tls.ca)
+        pacs.tls_certificate = str(tls.client_certificate)
+        pacs.tls_private_key = str(tls.client_key)
+        check = check_destination(pacs, settings)
+        assert check.ok and check.status == 0, check
+        assert check.address == f"PACS@127.0.0.1:{pacs.port} (TLS)"
+        # the delivery sender is built from the very same peer
+        sender = open_destination(
+            pacs, storage_root=Path(settings.storage.root), dispatch=settings.dispatch
+        )
+        assert getattr(sender, "peer", None) == peer_address(pacs, settings.dispatch)
+        # the admin page's C-ECHO button
+        page = client.post("/destinations/pacs/test", headers=basic(BOSS)).text
+        assert 'class="notice ok" id="check-result"' in page and "(TLS)" in page
+        assert "success" in page
+        # a CA that did not sign the PACS certificate, or no client certificate: refused
+        pacs.tls_ca_certificates = str(tls.stranger_ca)
+        wrong_ca = check_destination(pacs, settings)
+        assert not wrong_ca.ok and "TLS handshake" in wrong_ca.detail
+        pacs.tls_ca_certificates = str(tls.ca)
+        pacs.tls_certificate = pacs.tls_private_key = ""
+        assert not check_destination(pacs, settings).ok
+        pacs.tls_certificate = str(tmp_path / "missing.pem")
+        unreadable = check_destination(pacs, settings)
+        assert not unreadable.ok and unreadable.detail.startswith("cannot associate")
+    finally:
+        server.shutdown()
 
 
 def test_destination_check_of_a_folder_that_cannot_be_written(

@@ -17,65 +17,12 @@ from typing import Any
 from sqlalchemy import text
 
 from dermpacs.config import Destination, Settings
+from dermpacs.dispatch.destinations import folder_path, peer_address
+from dermpacs.dispatch.scu import EchoResult, PeerAddress, SenderTimeouts, echo
 from dermpacs.jobs.store import JobStore
 
 # Listening on every address: C-ECHO it on loopback.
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
-
-
-@dataclass(frozen=True)
-class EchoResult:
-    """One C-ECHO: the peer's status, or why there was none.
-
-    ``reachable`` is true when the peer answered at all, also by rejecting the association
-    (it is up, but does not accept us: the calling AE title, say).
-    """
-
-    address: str
-    ok: bool
-    reachable: bool
-    status: int | None
-    detail: str
-    seconds: float
-
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def c_echo(
-    host: str, port: int, *, called_ae_title: str, calling_ae_title: str, timeout: float
-) -> EchoResult:
-    """Send a C-ECHO (Verification SOP class, PS3.4 Annex A) and time it."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    address = f"{called_ae_title}@{host}:{port}"
-    started = time.perf_counter()
-
-    def done(ok: bool, reachable: bool, status: int | None, detail: str) -> EchoResult:
-        return EchoResult(address, ok, reachable, status, detail, time.perf_counter() - started)
-
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
-    try:
-        assoc = ae.associate(host, port, ae_title=called_ae_title)
-    except Exception as exc:  # name resolution and the like
-        return done(False, False, None, f"cannot associate: {exc}")
-    if assoc.is_rejected:
-        return done(False, True, None, f"association rejected (as {calling_ae_title})")
-    if not assoc.is_established:
-        return done(False, False, None, "no answer (refused, unreachable or timed out)")
-    try:
-        response = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    if "Status" not in response:
-        return done(False, True, None, "no C-ECHO response (timeout)")
-    status = int(response.Status)
-    if status == 0x0000:
-        return done(True, True, status, "success")
-    return done(False, True, status, f"answered 0x{status:04X}")
 
 
 def listener_address(settings: Settings) -> tuple[str, int]:
@@ -87,18 +34,20 @@ def listener_address(settings: Settings) -> tuple[str, int]:
     return host, settings.listener.port
 
 
+def _echo_timeouts(settings: Settings) -> SenderTimeouts:
+    timeout = settings.admin.echo_timeout
+    return SenderTimeouts(acse=timeout, dimse=timeout, network=timeout)
+
+
 def probe_listener(settings: Settings) -> EchoResult:
     """C-ECHO our own listener, calling as the first allowed AE title when there is a list."""
     host, port = listener_address(settings)
     allowed = settings.listener.allowed_calling_aets
     calling = allowed[0] if allowed else settings.dispatch.calling_ae_title
-    return c_echo(
-        host,
-        port,
-        called_ae_title=settings.listener.ae_title,
-        calling_ae_title=calling,
-        timeout=settings.admin.echo_timeout,
+    peer = PeerAddress(
+        ae_title=settings.listener.ae_title, host=host, port=port, calling_ae_title=calling
     )
+    return echo(peer, _echo_timeouts(settings))
 
 
 @dataclass(frozen=True)
@@ -132,8 +81,6 @@ def check_folder(path: Path) -> tuple[bool, str]:
 
 def check_destination(destination: Destination, settings: Settings) -> DestinationCheck:
     """Test one ``[[destinations]]`` entry: C-ECHO a DICOM peer, write into a folder."""
-    from dermpacs.dispatch.destinations import folder_path
-
     if destination.kind == "folder":
         path = folder_path(destination, Path(settings.storage.root))
         started = time.perf_counter()
@@ -141,15 +88,16 @@ def check_destination(destination: Destination, settings: Settings) -> Destinati
         return DestinationCheck(
             destination.name, "folder", str(path), ok, detail, time.perf_counter() - started
         )
-    echo = c_echo(
-        destination.host,
-        destination.port,
-        called_ae_title=destination.ae_title,
-        calling_ae_title=settings.dispatch.calling_ae_title,
-        timeout=settings.admin.echo_timeout,
-    )
+    # The peer as delivery sees it (TLS included), only the timeouts are the page's.
+    result = echo(peer_address(destination, settings.dispatch), _echo_timeouts(settings))
     return DestinationCheck(
-        destination.name, "dicom", echo.address, echo.ok, echo.detail, echo.seconds, echo.status
+        destination.name,
+        "dicom",
+        result.address,
+        result.ok,
+        result.detail,
+        result.seconds,
+        result.status,
     )
 
 

@@ -136,6 +136,21 @@ def tls_client(destination: Destination) -> TlsClient | None:
     )
 
 
+def peer_address(destination: Destination, dispatch: DispatchSettings) -> PeerAddress:
+    """Where a DICOM destination is reached, as we call it, with its TLS settings.
+
+    The one place both delivery (C-STORE) and ``dermpacs destinations test`` / the admin
+    page's C-ECHO button get the peer from.
+    """
+    return PeerAddress(
+        ae_title=destination.ae_title,
+        host=destination.host,
+        port=destination.port,
+        calling_ae_title=dispatch.calling_ae_title,
+        tls=tls_client(destination),
+    )
+
+
 def open_destination(
     destination: Destination, *, storage_root: Path, dispatch: DispatchSettings
 ) -> ResultDestination:
@@ -144,13 +159,7 @@ def open_destination(
         return FolderDestination(destination.name, folder_path(destination, storage_root))
     return DicomDestination(
         destination.name,
-        PeerAddress(
-            ae_title=destination.ae_title,
-            host=destination.host,
-            port=destination.port,
-            calling_ae_title=dispatch.calling_ae_title,
-            tls=tls_client(destination),
-        ),
+        peer_address(destination, dispatch),
         SenderTimeouts(
             acse=dispatch.acse_timeout,
             dimse=dispatch.dimse_timeout,

@@ -4,16 +4,19 @@ Each object is proposed with its own SOP class and the transfer syntax it is sto
 the two uncompressed little-endian syntaxes when it is uncompressed, which pynetdicom converts
 between), so that a PACS that accepts fewer syntaxes still gets every object it can take.
 With :class:`TlsClient` the association runs over TLS (PS3.15 B.1): the peer's certificate is
-checked against the given CAs and the host name.
+checked against the given CAs and the host name. :func:`echo` opens its association the same
+way, so that testing a destination tests exactly what delivery will do.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -182,11 +185,41 @@ def send_instances(
     return results
 
 
-def echo(peer: PeerAddress, timeouts: SenderTimeouts | None = None) -> int | None:
-    """C-ECHO ``peer``; returns the status, or None when it could not be asked."""
+@dataclass(frozen=True)
+class EchoResult:
+    """One C-ECHO: the peer's status, or why there was none.
+
+    ``reachable`` is true when the peer answered at all, also by rejecting the association
+    (it is up, but does not accept us: the calling AE title, say).
+    """
+
+    address: str
+    ok: bool
+    reachable: bool
+    status: int | None
+    detail: str
+    seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def echo(peer: PeerAddress, timeouts: SenderTimeouts | None = None) -> EchoResult:
+    """C-ECHO ``peer`` (Verification SOP class, PS3.4 Annex A) and time it.
+
+    The association is opened by :meth:`PeerAddress.associate`, as for C-STORE: over TLS with
+    the same CAs, client certificate and host name check when the peer has TLS. Never raises
+    for the peer's faults.
+    """
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     timeouts = timeouts or SenderTimeouts()
+    started = time.perf_counter()
+    where = peer.describe()
+
+    def done(ok: bool, reachable: bool, status: int | None, detail: str) -> EchoResult:
+        return EchoResult(where, ok, reachable, status, detail, time.perf_counter() - started)
+
     ae = AE(ae_title=peer.calling_ae_title)
     ae.acse_timeout = timeouts.acse
     ae.network_timeout = timeouts.network
@@ -194,12 +227,20 @@ def echo(peer: PeerAddress, timeouts: SenderTimeouts | None = None) -> int | Non
     ae.add_requested_context(Verification)
     try:
         assoc = peer.associate(ae)
-    except Exception:  # name resolution, an unreadable certificate
-        return None
+    except Exception as exc:  # name resolution, an unreadable certificate
+        return done(False, False, None, f"cannot associate: {exc}")
+    if assoc.is_rejected:
+        return done(False, True, None, f"association rejected (as {peer.calling_ae_title})")
     if not assoc.is_established:
-        return None
+        why = "refused, unreachable, timed out" + (" or TLS handshake failed" if peer.tls else "")
+        return done(False, False, None, f"no answer ({why})")
     try:
         response = assoc.send_c_echo()
-        return int(response.Status) if "Status" in response else None
     finally:
         assoc.release()
+    if "Status" not in response:
+        return done(False, True, None, "no C-ECHO response (timeout)")
+    status = int(response.Status)
+    if status == 0x0000:
+        return done(True, True, status, "success")
+    return done(False, True, status, f"answered 0x{status:04X}")
