@@ -837,3 +837,55 @@ def test_destination_check_of_a_folder_that_cannot_be_written(
     settings.destinations[0].path = str(blocker / "outbox")
     check = check_destination(settings.destinations[0], settings)
     assert not check.ok and "cannot write" in check.detail
+
+
+@pytest.mark.integration
+def test_queue_view_reads_a_password_protected_tls_redis_as_the_workers_do(
+    tmp_path: Path, store: JobStore
+) -> None:
+    import json
+    import secrets
+    import shutil
+
+    from dermpacs.admin.queues import redis_reserved
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make tools)")
+    tls = services.TlsFiles(tmp_path / "tls")
+    password = secrets.token_urlsafe(16)
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(password + "\n")
+    password_file.chmod(0o600)
+    redis = services.RedisServer(tmp_path / "redis", password=password, tls=tls.server).start()
+    try:
+        client = redis.client()
+        # what kombu keeps for a message a worker holds: [message, exchange, routing key]
+        client.hset("unacked", "tag-1", json.dumps([{"body": ""}, "inference", "inference"]))
+        client.hset("unacked", "tag-2", json.dumps([{"body": ""}, "dispatch", "dispatch"]))
+        client.hset("unacked", "tag-3", json.dumps([{"body": ""}, "inference", "inference"]))
+        client.rpush("inference", "message")
+        client.close()
+        settings = make_settings(
+            tmp_path,
+            str(store.engine.url),
+            broker={
+                "url": redis.url,
+                "password_file": str(password_file),
+                "tls_ca_certificates": str(tls.ca),
+            },
+        )
+        assert redis_reserved(settings, ["inference", "dispatch"]) == {
+            "inference": 2,
+            "dispatch": 1,
+        }
+        statuses = {s.stage: s for s in inspect_queues(settings, store, ask_workers=False)}
+        assert statuses["inference"].broker_error is None
+        assert (statuses["inference"].broker_depth, statuses["inference"].reserved) == (1, 2)
+        assert statuses["dispatch"].reserved == 1
+        # without the password file, Redis refuses (the URL alone is not enough)
+        anonymous = settings.model_copy(deep=True)
+        anonymous.broker.password_file = ""
+        with pytest.raises(Exception, match="(?i)auth"):
+            redis_reserved(anonymous, ["inference"])
+    finally:
+        redis.stop()

@@ -197,15 +197,21 @@ def redis_reserved(settings: Settings, names: list[str]) -> dict[str, int] | Non
     """Unacknowledged messages per queue in Redis (kombu's ``unacked`` hash); None if not Redis.
 
     Each entry is ``[message, exchange, routing_key]``; dermpacs routes each queue by its own
-    name, so the routing key names the queue.
+    name, so the routing key names the queue. Redis is reached as the workers reach it: the
+    password of ``broker.password_file`` and the ``broker.tls_*`` files.
     """
-    url = settings.broker.url
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not settings.broker.url.startswith(("redis://", "rediss://", "unix://")):
         return None
     import redis
 
+    from workers.app import broker_tls, broker_url
+
     counts = dict.fromkeys(names, 0)
-    client = redis.Redis.from_url(url, socket_timeout=settings.admin.echo_timeout)
+    client = redis.Redis.from_url(
+        broker_url(settings),
+        socket_timeout=settings.admin.echo_timeout,
+        **(broker_tls(settings) or {}),
+    )
     try:
         for seen, (_, raw) in enumerate(client.hscan_iter("unacked", count=500)):
             if seen >= _MAX_UNACKED_SCAN:
