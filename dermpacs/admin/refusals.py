@@ -23,6 +23,7 @@ from sqlalchemy import Engine, Integer, String, Text, func, insert, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dermpacs.jobs.models import AE_LENGTH, UID_LENGTH, UTCDateTime, utc_now
+from dermpacs.jobs.schema import upgrade_schema
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class RefusalLog:
         # Created on first use, not at construction: the admin page starts while the
         # database is still down, and /readyz says so.
         if not self._schema_ready:
-            RefusalBase.metadata.create_all(self.engine)
+            # Created, or upgraded as the job store's tables are (dermpacs.jobs.schema).
+            upgrade_schema(self.engine, RefusalBase.metadata)
             self._schema_ready = True
 
     # -- writing (the listener) --------------------------------------------------------------
