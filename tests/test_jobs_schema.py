@@ -276,3 +276,33 @@ def test_processes_starting_together_upgrade_once(database_url: str):
     finally:
         for store in stores:
             store.dispose()
+
+
+def test_a_store_that_a_newer_version_widened_is_refused_not_narrowed(database_url: str):
+    from sqlalchemy import Enum, Table
+
+    metadata = MetaData()
+    Table(
+        "thing",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column(
+            "state",
+            Enum("a", "b", name="thing_state", native_enum=False, create_constraint=True),
+            nullable=False,
+        ),
+    )
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE thing (id INTEGER NOT NULL PRIMARY KEY, state VARCHAR(1) NOT NULL, "
+                "CONSTRAINT thing_state CHECK (state IN ('a', 'b', 'c')))"
+            )
+            conn.exec_driver_sql("INSERT INTO thing (id, state) VALUES (1, 'c')")
+        with pytest.raises(SchemaUpgradeError, match=r"allows \['c'\].*newer version"):
+            upgrade_schema(engine, metadata)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT state FROM thing").scalar() == "c"
+    finally:
+        engine.dispose()

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import CheckConstraint, Connection, Engine, Enum, MetaData, Table, inspect, text
 from sqlalchemy.schema import AddConstraint, CreateColumn, CreateIndex, CreateTable, DropConstraint
 
+from dermpacs.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Any constant: the PostgreSQL advisory lock that serialises upgrades of one database.
@@ -37,8 +39,12 @@ _PG_UPGRADE_LOCK = 0x64_65_72_6D  # "derm"
 _QUOTED = re.compile(r"'((?:[^']|'')*)'")
 
 
-class SchemaUpgradeError(RuntimeError):
-    """The database cannot be brought up to date automatically (the message says why)."""
+class SchemaUpgradeError(ConfigError):
+    """The database cannot be brought up to date automatically (the message says why).
+
+    A :class:`~dermpacs.config.ConfigError`: the configured job store cannot be used by this
+    version, and the commands report it as they report a bad setting.
+    """
 
 
 @dataclass
