@@ -224,6 +224,32 @@ def test_destinations_test_json(
     assert code == 2 and "no destination 'nowhere'" in out
 
 
+def test_destinations_test_over_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_admin import start_tls_scp
+
+    tls = services.TlsFiles(tmp_path / "tls")
+    server = start_tls_scp(tls)
+    try:
+        config = write_config(tmp_path, pacs_port=server.server_address[1])
+        code, out = run_cli(capsys, "destinations", "test", "pacs", "--config", str(config))
+        assert code == 1 and "FAIL" in out  # plain DICOM to a TLS-only peer
+        with config.open("a") as handle:  # the [[destinations]] "pacs" table is the last one
+            handle.write(
+                f'tls = true\ntls_ca_certificates = "{tls.ca}"\n'
+                f'tls_certificate = "{tls.client_certificate}"\n'
+                f'tls_private_key = "{tls.client_key}"\n'
+            )
+        code, out = run_cli(
+            capsys, "destinations", "test", "pacs", "--config", str(config), "--json"
+        )
+        assert code == 0, out
+        (check,) = json.loads(out)
+        assert check["ok"] and check["status"] == 0
+        assert check["address"] == f"PACS@127.0.0.1:{server.server_address[1]} (TLS)"
+    finally:
+        server.shutdown()
+
+
 def test_destinations_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, pacs_port=4242)
     code, out = run_cli(capsys, "destinations", "list", "--config", str(config), "--json")
