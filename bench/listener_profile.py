@@ -14,7 +14,7 @@ pynetdicom floor (a handler that only writes the bytes), taking turns so that ma
 hits all alike.
 
 Run: ``python -m bench.listener_profile --kind native --size vga --photos 150``, or
-``--variants as-is,no-find,no-mark-queued,no-find-no-mark,bare-pynetdicom-fsync --repeats 3``.
+``--variants as-is,synchronous-row,bare-pynetdicom-fsync,bare-bulk-fsync --repeats 3``.
 """
 
 from __future__ import annotations
@@ -81,11 +81,10 @@ class StepTimes:
 
 VARIANTS = {
     "as-is": "the listener as it is",
-    "no-find": "what-if: without the job-store look-up before spooling (duplicates are still "
-    "caught by the job row's unique key)",
     "no-mark-queued": "what-if: the publisher does not commit 'queued' (upper bound of making "
-    "that commit cheaper or batched)",
-    "no-find-no-mark": "what-if: both of the above",
+    "that commit cheaper)",
+    "synchronous-row": "what-if: the job row committed synchronously (SQLite synchronous=FULL), "
+    "as before the spool became the write-ahead log",
 }
 
 
@@ -145,34 +144,29 @@ def profile_listener(
         )
         listener = service.listener
         store, spool = listener.store, listener.spool
-        store.find = times.wrap("job store look-up (find)", store.find)  # type: ignore[method-assign]
+        record_received = store.record_received
+        if variant == "synchronous-row":
+
+            def record_received(*args: Any, **kwargs: Any) -> Any:
+                return store.__class__.record_received(
+                    store, *args, **{**kwargs, "synchronous_commit": True}
+                )
+
         store.record_received = times.wrap(  # type: ignore[method-assign]
-            "job row commit (record_received)", store.record_received
+            "job row commit (record_received)", record_received
         )
         store.mark_queued = times.wrap(  # type: ignore[method-assign]
             "mark queued commit (publisher thread)", store.mark_queued
         )
-        if variant in ("no-find", "no-find-no-mark"):
-            store.find = lambda *_args, **_kwargs: None  # type: ignore[method-assign]
-        if variant in ("no-mark-queued", "no-find-no-mark"):
+        if variant == "no-mark-queued":
             store.mark_queued = lambda job_ids, **_kwargs: len(list(job_ids))  # type: ignore[method-assign]
         spool.spool_received_instance = times.wrap(  # type: ignore[method-assign]
             "spool write + fsync + rename + dir fsync", spool.spool_received_instance
         )
-        handle = listener.handle_store
-
-        def handle_store(event: Any) -> Any:
-            started = time.perf_counter()
-            encoded = event.encoded_dataset(include_meta=True)
-            with times._lock:
-                times.samples["read received data set (encoded_dataset)"].append(
-                    (time.perf_counter() - started) * 1000.0
-                )
-            # the handler's own call gets these bytes (pynetdicom copies them on every call)
-            event.encoded_dataset = lambda include_meta=True: encoded
-            return handle(event)
-
-        listener.handle_store = times.wrap("whole C-STORE handler", handle_store)  # type: ignore[method-assign]
+        listener._encoded_with_meta = times.wrap(  # type: ignore[method-assign]
+            "read received data set (with file meta)", listener._encoded_with_meta
+        )
+        listener.handle_store = times.wrap("whole C-STORE handler", listener.handle_store)  # type: ignore[method-assign]
         service.start()
         template = inputs.input_file(kind, size)
         files = inputs.unique_copies(template, root / "send", photos)
@@ -223,14 +217,23 @@ def profile_listener(
 
 
 def profile_bare_pynetdicom(
-    kind: str, size: str, photos: int, associations: int = 1, *, durable: bool = True
+    kind: str,
+    size: str,
+    photos: int,
+    associations: int = 1,
+    *,
+    durable: bool = True,
+    bulk_read: bool = False,
 ) -> dict[str, Any]:
     """The floor under any pynetdicom listener: a handler that only writes the received bytes
-    (with fsync and a folder fsync when ``durable``) and answers success."""
+    (with fsync and a folder fsync when ``durable``) and answers success. ``bulk_read``: with
+    the listener's :class:`~dermpacs.intake.listener.BulkReadSocket` instead of pynetdicom's."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    from pynetdicom.transport import ThreadedAssociationServer
 
     from dermpacs.imaging.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, PHOTO_SOP_CLASSES
+    from dermpacs.intake.listener import BulkReadRequestHandler
 
     root = Path(tempfile.mkdtemp(prefix="dermpacs-bench-bare-"))
     store_dir = root / "store"
@@ -259,11 +262,15 @@ def profile_bare_pynetdicom(
     for sop_class in PHOTO_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
     port = free_port()
-    server = ae.start_server(
+    server = ae.make_server(
         (LOOPBACK, port),
-        block=False,
         evt_handlers=[(evt.EVT_C_STORE, times.wrap("whole C-STORE handler", handle))],
+        server_class=ThreadedAssociationServer,
+        **({"request_handler": BulkReadRequestHandler} if bulk_read else {}),
     )
+    # as AE.start_server(block=False) does, so that server.shutdown() finds it there
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ae._servers.append(server)
     try:
         files = inputs.unique_copies(inputs.input_file(kind, size), root / "send", photos)
         os.sync()
@@ -294,7 +301,8 @@ def profile_bare_pynetdicom(
         "size": size,
         "photos": photos,
         "associations": associations,
-        "variant": "bare-pynetdicom" + ("-fsync" if durable else "-no-fsync"),
+        "variant": ("bare-bulk" if bulk_read else "bare-pynetdicom")
+        + ("-fsync" if durable else "-no-fsync"),
         "storescu_exit_codes": codes,
         "wall_s": round(wall, 3),
         "photos_per_second": round(photos / wall, 2),
@@ -315,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--variants",
         default="as-is",
         help=f"comma-separated, taking turns {{--repeats}} times: {', '.join(VARIANTS)}, "
-        "bare-pynetdicom-fsync, bare-pynetdicom-no-fsync",
+        "bare-pynetdicom-fsync, bare-pynetdicom-no-fsync, bare-bulk-fsync, bare-bulk-no-fsync",
     )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
@@ -324,13 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for _ in range(args.repeats):
         for variant in [v for v in args.variants.split(",") if v]:
-            if variant.startswith("bare-pynetdicom"):
+            if variant.startswith("bare-"):
                 result = profile_bare_pynetdicom(
                     args.kind,
                     args.size,
                     args.photos,
                     args.associations,
                     durable=variant.endswith("-fsync") and "no-fsync" not in variant,
+                    bulk_read=variant.startswith("bare-bulk"),
                 )
             else:
                 result = profile_listener(

@@ -33,10 +33,10 @@ from dermpacs.admin.checks import check_destination, find_destination
 from dermpacs.admin.metrics import AuditTrailTally, CumulativeHistogram
 from dermpacs.admin.queues import inspect_queues, store_queue_view
 from dermpacs.admin.redaction import MASK, effective_configuration, mask_url_credentials
-from dermpacs.admin.refusals import RefusalLog
 from dermpacs.config import ConfigError, Settings
 from dermpacs.dispatch.destinations import peer_address
 from dermpacs.dispatch.scu import PeerAddress, SenderTimeouts, echo
+from dermpacs.intake.refusals import RefusalLog
 from dermpacs.jobs.models import JobEvent, JobState, utc_now
 from dermpacs.jobs.store import JobStore, make_engine
 from tests import services

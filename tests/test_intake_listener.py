@@ -224,3 +224,114 @@ def test_a_resend_of_a_failed_photo_starts_its_job_again(harness):
     harness.send(ds)
     assert harness.store.get(job.id).job.state is JobState.RECEIVED
     assert harness.recorded == [job.id, job.id]
+
+
+def test_the_spool_file_names_the_sender_and_the_listener(harness):
+    ds = photo()
+    harness.send(ds, calling="WARD7")
+    (spooled,) = harness.spooled()
+    meta = dcmread(spooled, stop_before_pixels=True).file_meta
+    assert meta.SendingApplicationEntityTitle == "WARD7"
+    assert meta.ReceivingApplicationEntityTitle == "DERMPACS"
+    assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_every_refused_c_store_is_reported_with_its_status_and_reason(tmp_path):
+    reported: list[tuple] = []
+
+    def on_refused(status, reason, *, calling_ae_title, sop_instance_uid):
+        reported.append((status, reason, calling_ae_title, sop_instance_uid))
+
+    h = Harness(tmp_path, min_free_bytes=0)
+    h.listener.on_refused = on_refused
+    try:
+        short = photo(8, 10, pixel_bytes=60)
+        big = photo(8, 10)
+        big.Rows, big.Columns = 1200, 1000
+        statuses = h.send(short, big, photo())
+    finally:
+        h.close()
+    assert [s.Status for s in statuses] == [0xC000, 0xC000, 0x0000]
+    assert [(r[0], r[2], r[3]) for r in reported] == [
+        (0xC000, "CAM1", short.SOPInstanceUID),
+        (0xC000, "CAM1", big.SOPInstanceUID),
+    ]
+    assert "Pixel Data" in reported[0][1] and "max_megapixels" in reported[1][1]
+
+
+def test_a_failing_refusal_hook_does_not_change_the_answer(harness, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("metrics are gone")
+
+    harness.listener.on_refused = broken
+    with caplog.at_level(logging.ERROR, logger="dermpacs.intake.listener"):
+        (status,) = harness.send(photo(8, 10, pixel_bytes=60))
+    assert status.Status == 0xC000
+    assert "could not report a refused C-STORE" in caplog.text
+
+
+def test_a_large_photo_arrives_intact_over_many_pdus(tmp_path):
+    """The listener reads each PDU into one buffer (BulkReadSocket): a 1.4 MB photo in 16 KB
+    PDUs (the listener's maximum here) must arrive byte for byte."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    ds = photo(600, 800)
+    ds.PixelData = pixels.tobytes()
+    h = Harness(tmp_path, max_pdu_size=16384)
+    h.listener.intake.max_megapixels = 1.0
+    try:
+        (status,) = h.send(ds)
+        (spooled,) = h.spooled()
+    finally:
+        h.close()
+    assert status.Status == 0x0000
+    assert dcmread(spooled).PixelData == pixels.tobytes()
+
+
+def test_bulk_read_socket_returns_what_arrived_when_the_peer_closes():
+    import socket
+
+    from dermpacs.intake.listener import BulkReadSocket
+
+    ours, theirs = socket.socketpair()
+    reader = BulkReadSocket.__new__(BulkReadSocket)  # no association needed to read bytes
+    reader.socket = ours
+    payload = bytes(range(256)) * 1000
+    sender = threading.Thread(target=lambda: (theirs.sendall(payload), theirs.close()))
+    sender.start()
+    try:
+        assert bytes(reader.recv(100_000)) == payload[:100_000]
+        assert bytes(reader.recv(500_000)) == payload[100_000:]  # closed: the rest only
+    finally:
+        sender.join()
+        ours.close()
+
+
+def test_the_intake_service_records_refusals_for_the_admin_page_and_metrics(tmp_path):
+    from dermpacs.config import Settings
+    from dermpacs.intake.refusals import RefusalLog
+    from dermpacs.intake.service import IntakeService
+
+    settings = Settings.model_validate(
+        {"storage": {"root": str(tmp_path)}, "listener": {"port": 0, "host": "127.0.0.1"}}
+    )
+    service = IntakeService(
+        settings, model_version=MODEL, publish_processing=print, publish_dispatch=print
+    )
+    service.start()
+    try:
+        short = _with_syntax(photo(8, 10, pixel_bytes=60), ExplicitVRLittleEndian)
+        ae = AE(ae_title="CAM9")
+        ae.add_requested_context(VL_PHOTOGRAPHIC_IMAGE, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", service.port, ae_title="DERMPACS")
+        assert assoc.is_established
+        assert assoc.send_c_store(short).Status == 0xC000
+        assoc.release()
+    finally:
+        service.stop()  # writes what the refusal log holds
+    log = RefusalLog(make_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}"))
+    assert log.counts_by_status() == {0xC000: 1}
+    (refusal,) = log.recent()
+    assert (refusal.calling_ae_title, refusal.sop_instance_uid) == ("CAM9", short.SOPInstanceUID)

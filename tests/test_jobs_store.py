@@ -436,3 +436,19 @@ def test_a_resend_of_a_cancelled_photo_does_not_restart_it(store: JobStore):
     again = store.record_received(instance(62, spool="/s/again"), model_version=MODEL)
     assert (again.job_id, again.created, again.needs_queueing) == (job_id, False, False)
     assert again.state is JobState.CANCELLED
+
+
+def test_lazy_commits_are_visible_at_once_and_leave_later_commits_synchronous(store: JobStore):
+    # The listener records jobs with synchronous_commit=False (its spool file is what is
+    # durable); every other transaction on the same pooled connections must stay synchronous.
+    outcome = store.record_received(instance(1), model_version=MODEL, synchronous_commit=False)
+    assert outcome.created and outcome.needs_queueing
+    again = store.record_received(instance(1), model_version=MODEL, synchronous_commit=False)
+    assert (again.job_id, again.created, again.needs_queueing) == (outcome.job_id, False, False)
+    assert store.mark_queued([outcome.job_id], synchronous_commit=False) == 1
+    assert store.get(outcome.job_id).job.state is JobState.QUEUED
+    with store.engine.connect() as connection:
+        if store.engine.dialect.name == "sqlite":
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        else:
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"

@@ -5,6 +5,6 @@ the other modules are usable alone, also by the ``dermpacs queues`` and ``dermpa
 destinations`` commands: :mod:`~dermpacs.admin.queues` (depth, age, consumers),
 :mod:`~dermpacs.admin.checks` (C-ECHO, folder writes, readiness),
 :mod:`~dermpacs.admin.metrics` (Prometheus collector over the job store),
-:mod:`~dermpacs.admin.refusals` (refused C-STOREs), :mod:`~dermpacs.admin.actions` (retry),
+:mod:`~dermpacs.intake.refusals` (refused C-STOREs), :mod:`~dermpacs.admin.actions` (retry),
 :mod:`~dermpacs.admin.redaction` (secrets masked) and :mod:`~dermpacs.admin.auth`.
 """

@@ -52,9 +52,9 @@ from dermpacs.admin.checks import (
 from dermpacs.admin.metrics import JobStoreCollector
 from dermpacs.admin.queues import QueueStatus, inspect_queues
 from dermpacs.admin.redaction import effective_configuration
-from dermpacs.admin.refusals import RefusalLog
 from dermpacs.admin.thumbnails import ThumbnailError, overlay_thumbnail
 from dermpacs.config import ConfigError, Destination, Settings
+from dermpacs.intake.refusals import RefusalLog
 from dermpacs.jobs.models import (
     CANCELLABLE_STATES,
     RETRYABLE_STATES,

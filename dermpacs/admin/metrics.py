@@ -341,7 +341,7 @@ class JobStoreCollector(Collector):
     def _refusal_metrics(self) -> Iterator[Metric]:
         if self.refusal_counts is None:
             return
-        from dermpacs.admin.refusals import REFUSAL_STATUS_NAMES, status_name
+        from dermpacs.intake.refusals import REFUSAL_STATUS_NAMES, status_name
 
         try:
             counts = self.refusal_counts()

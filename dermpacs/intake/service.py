@@ -15,6 +15,8 @@ from pathlib import Path
 from dermpacs.config import Settings
 from dermpacs.intake.listener import Listener
 from dermpacs.intake.quarantine import Quarantine
+from dermpacs.intake.recovery import recover_spooled
+from dermpacs.intake.refusals import RefusalLog
 from dermpacs.intake.spool import Spool
 from dermpacs.jobs.publisher import PeriodicReconciler, Publisher
 from dermpacs.jobs.reconcile import RequeueSummary, requeue_unfinished
@@ -65,7 +67,9 @@ class IntakeService:
         self.quarantine = Quarantine(
             Path(settings.storage.root), max_bytes=settings.intake.quarantine_max_mb * 2**20
         )
+        self.model_version = model_version
         self.publisher = Publisher(self.store, publish_processing)
+        self.refusals = RefusalLog(self.store.engine)
         self.listener = Listener(
             settings.listener,
             intake=settings.intake,
@@ -74,6 +78,7 @@ class IntakeService:
             model_version=model_version,
             on_recorded=self.publisher.submit,
             quarantine=self.quarantine,
+            on_refused=self.refusals.record,
         )
         jobs = settings.jobs
         lease = timedelta(seconds=jobs.lease_timeout)
@@ -91,16 +96,19 @@ class IntakeService:
         )
 
     def start(self) -> RequeueSummary:
-        """Clean the spool, publish unfinished jobs, then listen. Returns what was published."""
+        """Clean the spool, record spooled photos whose rows were lost, publish unfinished
+        jobs, then listen. Returns what was published."""
         removed = self.spool.clear_incoming()
         if removed:
             logger.info("removed %d partial spool file(s) left by a crash", removed)
+        recover_spooled(self.store, self.spool, model_version=self.model_version)
         summary = requeue_unfinished(
             self.store,
             publish_processing=self.publish_processing,
             publish_dispatch=self.publish_dispatch,
         )
         self.publisher.start()
+        self.refusals.start()
         self.listener.start()
         self.reconciler.start()
         return summary
@@ -114,4 +122,5 @@ class IntakeService:
         self.listener.shutdown()
         self.reconciler.stop()
         self.publisher.stop()
+        self.refusals.stop()
         self.store.dispose()

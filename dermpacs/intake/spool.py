@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 SPOOL_DIRNAME = "spool"
@@ -112,6 +112,24 @@ class Spool:
                 partial.unlink()
             raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
         return final
+
+    def files_since(self, since: datetime | None) -> list[Path]:
+        """Spooled instances written at or after ``since`` (all of them for None), oldest first.
+
+        Only the day folders that can hold such files are listed.
+        """
+        first_day = "" if since is None else (since - timedelta(days=1)).strftime("%Y%m%d")
+        cutoff = 0.0 if since is None else since.timestamp()
+        found: list[tuple[float, Path]] = []
+        for day in sorted(self.root.iterdir()):
+            if day.name == _INCOMING or not day.is_dir() or day.name < first_day:
+                continue
+            for path in day.glob("*.dcm"):
+                with contextlib.suppress(FileNotFoundError):
+                    modified = path.stat().st_mtime
+                    if modified >= cutoff:
+                        found.append((modified, path))
+        return [path for _, path in sorted(found)]
 
     def discard(self, path: str | Path) -> None:
         """Remove a spool file that turned out not to be needed (a duplicate)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -33,12 +34,20 @@ class Publisher:
         Puts one processing task for a job id on the broker; may raise.
     batch
         Most job ids marked queued in one transaction.
+    linger
+        Seconds to wait after the first job id of a batch for more to arrive. A burst from a
+        camera then costs one 'queued' commit per few photos instead of one per photo, and
+        those commits stop competing with the listener's own for SQLite's write lock (the
+        profile in docs/benchmarks.md); the task is published that much later.
     """
 
-    def __init__(self, store: JobStore, publish: Publish, *, batch: int = 64) -> None:
+    def __init__(
+        self, store: JobStore, publish: Publish, *, batch: int = 64, linger: float = 0.05
+    ) -> None:
         self._store = store
         self._publish = publish
         self._batch = batch
+        self._linger = linger
         self._pending: queue.Queue[int] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="dermpacs-publisher", daemon=True)
         self._broker_down = False
@@ -60,9 +69,10 @@ class Publisher:
         stopping = False
         while not stopping:
             ids = [self._pending.get()]
-            while len(ids) < self._batch:
+            deadline = time.monotonic() + self._linger
+            while len(ids) < self._batch and ids[-1] != _STOP:
                 try:
-                    ids.append(self._pending.get_nowait())
+                    ids.append(self._pending.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
             if _STOP in ids:
@@ -87,7 +97,9 @@ class Publisher:
                     self._broker_down = False
                     published.append(job_id)
             try:
-                self._store.mark_queued(published)
+                # Lazy: a mark lost in a power cut leaves the job received, and the reconciler
+                # publishes it again (tasks are idempotent).
+                self._store.mark_queued(published, synchronous_commit=False)
             except Exception:  # state stays received: republished later, tasks are idempotent
                 logger.exception("could not mark %d job(s) queued", len(published))
 

@@ -1,7 +1,14 @@
 """The job store: the source of truth for every received photograph.
 
-SQLAlchemy over SQLite (one file under the storage root, WAL, ``synchronous=FULL`` so that a
-commit is on disk before the listener answers) or PostgreSQL (by URL, for several hosts).
+SQLAlchemy over SQLite (one file under the storage root, WAL, ``synchronous=FULL``: a commit
+is on disk when it returns) or PostgreSQL (by URL, for several hosts). Two kinds of commit are
+*lazy* (:meth:`JobStore.record_received`, :meth:`JobStore.mark_queued` with
+``synchronous_commit=False``): atomic and consistent, but on disk only with the next synchronous
+commit or checkpoint (SQLite ``synchronous=NORMAL`` for that transaction, PostgreSQL
+``synchronous_commit = off``). The listener records jobs that way because the spool file, which
+it fsyncs, is what makes a received photo durable: after a power cut,
+:func:`dermpacs.intake.recovery.recover_spooled` records again any spool file whose job row
+was lost (docs/reliability.md).
 Every state change takes the job row under a write lock (``BEGIN IMMEDIATE`` on SQLite,
 ``SELECT ... FOR UPDATE`` on PostgreSQL), checks the state it expects and writes a
 :class:`~dermpacs.jobs.models.JobEvent`, so that concurrent listeners, workers and admins
@@ -10,16 +17,17 @@ never move a job twice.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -404,6 +412,28 @@ class JobStore:
     def _session(self) -> Session:
         return self._sessions()
 
+    @contextlib.contextmanager
+    def _lazy_commit_session(self) -> Iterator[Session]:
+        """A session whose commit does not wait for the disk (see the module's docstring)."""
+        if self.engine.dialect.name != "sqlite":
+            with self._sessions() as session:
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                yield session
+            return
+        # SQLite takes the safety level per connection and only outside a transaction: set it
+        # on this pooled connection before the session begins, and back before it returns.
+        with self.engine.connect() as connection:
+            raw = connection.connection.dbapi_connection
+            assert raw is not None
+            raw.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with Session(bind=connection, expire_on_commit=False) as session:
+                    yield session
+            finally:
+                if connection.in_transaction():
+                    connection.rollback()
+                raw.execute("PRAGMA synchronous=FULL")
+
     @staticmethod
     def _locked_job(session: Session, job_id: int) -> Job:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar()
@@ -437,10 +467,14 @@ class JobStore:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def record_received(self, instance: ReceivedInstance, *, model_version: str) -> RecordOutcome:
+    def record_received(
+        self, instance: ReceivedInstance, *, model_version: str, synchronous_commit: bool = True
+    ) -> RecordOutcome:
         """Commit a job for a spooled instance, or find the job that already has its key.
 
         A resend of a photo whose job failed starts that job again from the new spool file.
+        ``synchronous_commit=False``: a lazy commit (module docstring), for a caller whose
+        spool file is durable and recoverable.
 
         Returns
         -------
@@ -448,7 +482,8 @@ class JobStore:
         """
         key = idempotency_key(instance.sop_instance_uid, model_version)
         now = utc_now()
-        with self._session() as session:
+        sessions = self._session if synchronous_commit else self._lazy_commit_session
+        with sessions() as session:
             job = Job(
                 idempotency_key=key,
                 study_instance_uid=instance.study_instance_uid,
@@ -481,7 +516,7 @@ class JobStore:
                 return RecordOutcome(job.id, True, True, JobState.RECEIVED)
             except IntegrityError:
                 session.rollback()
-        with self._session() as session:
+        with sessions() as session:
             existing = session.execute(
                 select(Job).where(Job.idempotency_key == key).with_for_update()
             ).scalar_one()
@@ -496,23 +531,25 @@ class JobStore:
                 return RecordOutcome(existing.id, False, True, JobState.RECEIVED)
             return RecordOutcome(existing.id, False, False, JobState(existing.state))
 
-    def find(self, sop_instance_uid: str, model_version: str) -> JobSnapshot | None:
-        """The job of this source instance and model version, if any."""
-        key = idempotency_key(sop_instance_uid, model_version)
-        with self._session() as session:
-            job = session.execute(select(Job).where(Job.idempotency_key == key)).scalar()
-            return None if job is None else JobSnapshot.of(job)
-
-    def mark_queued(self, job_ids: Iterable[int], *, reason: str = "published") -> int:
+    def mark_queued(
+        self,
+        job_ids: Iterable[int],
+        *,
+        reason: str = "published",
+        synchronous_commit: bool = True,
+    ) -> int:
         """Move ``received`` jobs to ``queued`` once their task is on the broker.
 
-        Returns the number of jobs moved (others had moved on already).
+        Returns the number of jobs moved (others had moved on already). With
+        ``synchronous_commit=False`` the commit is lazy: a mark lost in a power cut leaves the
+        job ``received``, and the reconciler publishes it again (tasks are idempotent).
         """
         moved = 0
         ids = list(job_ids)
         if not ids:
             return 0
-        with self._session() as session:
+        sessions = self._session if synchronous_commit else self._lazy_commit_session
+        with sessions() as session:
             jobs = session.execute(select(Job).where(Job.id.in_(ids)).with_for_update()).scalars()
             for job in jobs:
                 if job.state is JobState.RECEIVED:
@@ -960,6 +997,17 @@ class JobStore:
             query = query.limit(limit)
         with self._session() as session:
             return [JobSnapshot.of(j) for j in session.execute(query).scalars()]
+
+    def newest_created_at(self) -> datetime | None:
+        """When the newest job was created; None for an empty store."""
+        with self._session() as session:
+            return session.execute(select(func.max(Job.created_at))).scalar()
+
+    def spool_paths_since(self, since: datetime) -> set[str]:
+        """The spool files of the jobs created or changed since ``since``."""
+        with self._session() as session:
+            rows = session.execute(select(Job.spool_path).where(Job.updated_at >= since))
+            return {str(path) for path in rows.scalars()}
 
     def unfinished(self, *, updated_before: datetime | None = None) -> list[JobSnapshot]:
         """Jobs not yet delivered, failed nor cancelled, oldest first."""

@@ -6,9 +6,8 @@ refused nor why. :class:`RefusalLog` adds one small table (``intake_refusal``) b
 tables; the listener hands each refusal to :meth:`RefusalLog.record`, which returns at once and
 writes in a background thread, so a slow or absent database never holds a C-STORE response.
 
-Wiring (in the intake service): ``Listener(..., on_refused=refusal_log.record)`` and a call of
-``record(status, reason, calling_ae_title=..., sop_instance_uid=...)`` where the listener
-refuses; ``refusal_log.start()`` / ``.stop()`` with the service.
+The intake service wires it: ``Listener(..., on_refused=refusal_log.record)``, and starts and
+stops it with the listener.
 """
 
 from __future__ import annotations
