@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,10 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(100, ge=0)  # below this, C-STORE answers 0xA700
 
 
+# Celery's rate limit strings (celery.utils.time.rate): "N", "N/s", "N/m", "N/h".
+RATE_LIMIT_PATTERN = re.compile(r"^\d+(\.\d+)?(/[smh])?$")
+
+
 class QueueSettings(_Section):
     """One Celery queue and the policy of the tasks on it."""
 
@@ -93,6 +98,55 @@ class QueueSettings(_Section):
     max_attempts: int = Field(3, ge=1)
     retry_delay: float = Field(10.0, ge=0)  # first retry after this; doubles, with jitter
     retry_delay_max: float = Field(600.0, ge=0)
+    # Celery rate limit of the queue's task per worker ("10/m", "2/s", "100/h"); empty: none.
+    rate_limit: str = ""
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        value = value.strip()
+        if value and not RATE_LIMIT_PATTERN.match(value):
+            raise ValueError(
+                f"{value!r} is not a Celery rate limit: a number of tasks per second, "
+                'or per s, m or h ("10/m")'
+            )
+        return value
+
+
+class PriorityRule(_Section):
+    """Choose a priority level for a received photo; every condition given must match.
+
+    Patterns are shell globs (``*``, ``?``, ``[...]``), matched case-sensitively against the
+    value without its padding; a tag with several values matches when any value does.
+    """
+
+    level: str = Field(min_length=1)
+    calling_ae_title: str = ""  # glob on the camera's (caller's) AE title; empty: any
+    sop_class_uid: str = ""  # glob on the SOP Class UID; empty: any
+    tags: dict[str, str] = Field(default_factory=dict)  # DICOM keyword = glob
+
+    @field_validator("tags")
+    @classmethod
+    def _check_keywords(cls, value: dict[str, str]) -> dict[str, str]:
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        for keyword in value:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise ValueError(f"{keyword!r} is not a DICOM keyword (PS3.6)")
+            # "OB or OW" for Pixel Data and the like
+            if set(dictionary_VR(tag).split(" or ")) & {
+                "SQ",
+                "OB",
+                "OW",
+                "OF",
+                "OD",
+                "OL",
+                "OV",
+                "UN",
+            }:
+                raise ValueError(f"{keyword!r} is not a text or number attribute")
+        return value
 
 
 class QueuesSettings(_Section):
@@ -104,6 +158,44 @@ class QueuesSettings(_Section):
             name="dispatch", concurrency=2, time_limit=300, max_attempts=20
         )
     )
+    # Priority levels and their broker priority, 0 to 9: a LOWER number is served first
+    # (kombu's Redis transport and the embedded broker both order this way).
+    priorities: dict[str, int] = Field(
+        default_factory=lambda: {"urgent": 0, "normal": 5, "off-peak": 9}
+    )
+    default_priority: str = "normal"  # the level of a photo that no rule matches
+    rules: list[PriorityRule] = Field(default_factory=list)  # first match wins
+
+    @field_validator("priorities")
+    @classmethod
+    def _check_priorities(cls, value: dict[str, int]) -> dict[str, int]:
+        if not value:
+            raise ValueError("at least one priority level is needed")
+        for name, number in value.items():
+            if not 0 <= number <= 9:
+                raise ValueError(f"{name} = {number}: a broker priority is 0 to 9")
+        return value
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> QueuesSettings:
+        levels = ", ".join(self.priorities)
+        if self.default_priority not in self.priorities:
+            raise ValueError(
+                f"default_priority: {self.default_priority!r} is not a level of "
+                f"queues.priorities ({levels})"
+            )
+        for index, rule in enumerate(self.rules):
+            if rule.level not in self.priorities:
+                raise ValueError(
+                    f"rules[{index}].level: {rule.level!r} is not a level of "
+                    f"queues.priorities ({levels})"
+                )
+        return self
+
+    def broker_priority(self, level: str) -> int:
+        """The broker priority of ``level``; the default level's for an unknown one (a job
+        recorded under a level that the configuration no longer has)."""
+        return self.priorities.get(level, self.priorities[self.default_priority])
 
 
 class JobsSettings(_Section):

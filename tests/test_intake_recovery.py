@@ -61,6 +61,27 @@ def test_spool_files_whose_rows_were_lost_become_jobs_again(harness):
     assert again.recovered == [] and again.examined == 0
 
 
+def test_a_recovered_job_gets_the_level_its_rules_choose(harness):
+    from dermpacs.config import QueuesSettings
+    from dermpacs.intake.priority import PriorityRules
+
+    harness.send(photo(), calling="ER_CAM1")
+    harness.send(photo(), calling="WARD7")
+    lose_rows(harness.store, [j.id for j in harness.store.list_jobs()])
+    queues = QueuesSettings.model_validate(
+        {"rules": [{"level": "urgent", "calling_ae_title": "ER_*"}]}
+    )
+    result = recover_spooled(
+        harness.store,
+        harness.spool,
+        model_version=MODEL,
+        priority_rules=PriorityRules.from_settings(queues),
+    )
+    assert len(result.recovered) == 2
+    levels = {j.calling_ae_title: j.priority for j in harness.store.list_jobs()}
+    assert levels == {"ER_CAM1": "urgent", "WARD7": "normal"}
+
+
 def test_a_damaged_spool_file_is_reported_and_left_alone(harness, caplog):
     harness.send(photo())
     (job,) = harness.store.list_jobs()

@@ -50,6 +50,7 @@ def test_redis_gets_a_visibility_timeout_longer_than_any_task(tmp_path):
         "visibility_timeout": 3600,
         "unacked_restore_interval": 60,
         "unacked_restore_throttle": 1,
+        "priority_steps": [0, 5, 9],  # one per priority level
     }
     assert config["broker_use_ssl"] is None
     assert redelivery_grace(settings) is None

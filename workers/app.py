@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from kombu import Exchange, Queue
 
 from dermpacs.config import ConfigError, Settings, load_settings, read_secret_file
 from dermpacs.jobs.outcome import StageOutcome
+from dermpacs.jobs.queue_control import QueueControlState, queue_controls
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +144,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             DISPATCH_TASK: {"queue": dispatch.name},
         },
         "task_annotations": {
-            PROCESS_TASK: {"time_limit": inference.time_limit},
-            DISPATCH_TASK: {"time_limit": dispatch.time_limit},
+            PROCESS_TASK: {
+                "time_limit": inference.time_limit,
+                "rate_limit": inference.rate_limit or None,
+            },
+            DISPATCH_TASK: {
+                "time_limit": dispatch.time_limit,
+                "rate_limit": dispatch.rate_limit or None,
+            },
         },
+        # A message published without a priority (by another client) waits like a job of
+        # the default level; kombu's transports would otherwise serve it first (priority 0).
+        "task_default_priority": settings.queues.broker_priority(settings.queues.default_priority),
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 4.0,
         "worker_hijack_root_logger": False,
@@ -168,6 +178,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # a few times per timeout, not once per 100 s as kombu does by default.
             "unacked_restore_interval": max(1, min(60, visibility // 4)),
             "unacked_restore_throttle": 1,
+            # Priorities (PS: kombu emulates them on Redis with one list per step, and a
+            # worker pops the lists in step order, so a LOWER number is served first): one
+            # step per configured level, so that no two levels share a list.
+            "priority_steps": sorted(set(settings.queues.priorities.values())),
         }
         config["broker_use_ssl"] = broker_tls(settings)
     return config
@@ -195,26 +209,46 @@ def current_settings() -> Settings:
     return _settings
 
 
-def publish_processing(job_id: int, *, countdown: float | None = None) -> None:
-    """Put a processing task for ``job_id`` on the inference queue."""
+def job_broker_priority(settings: Settings, job_id: int, level: str | None = None) -> int:
+    """The broker priority of ``level``, or of the level on the job's row when None.
+
+    The job store is the source of truth for the level, so that every publication of a job
+    (by the listener, the reconciler, an admin retry, the worker for its delivery) carries
+    the priority chosen at intake.
+    """
+    if level is None:
+        from dermpacs.processing import shared_job_store
+
+        level = shared_job_store(settings).priorities([job_id]).get(int(job_id))
+    return settings.queues.broker_priority(level or settings.queues.default_priority)
+
+
+def publish_processing(
+    job_id: int, *, countdown: float | None = None, level: str | None = None
+) -> None:
+    """Put a processing task for ``job_id`` on the inference queue, at its priority."""
     settings = current_settings()
     app.send_task(
         PROCESS_TASK,
         args=[int(job_id)],
         queue=settings.queues.inference.name,
+        priority=job_broker_priority(settings, job_id, level),
         countdown=countdown,
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
     )
 
 
-def publish_dispatch(job_id: int, *, countdown: float | None = None) -> None:
-    """Put a delivery task for ``job_id`` on the dispatch queue."""
+def publish_dispatch(
+    job_id: int, *, countdown: float | None = None, level: str | None = None
+) -> None:
+    """Put a delivery task for ``job_id`` on the dispatch queue, at its priority."""
     settings = current_settings()
     app.send_task(
         DISPATCH_TASK,
         args=[int(job_id)],
         queue=settings.queues.dispatch.name,
+        priority=job_broker_priority(settings, job_id, level),
         countdown=countdown,
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
@@ -258,11 +292,85 @@ def redelivery_grace(settings: Settings) -> timedelta | None:
     return timedelta(seconds=settings.jobs.received_grace + settings.queues.inference.time_limit)
 
 
+def queue_task(settings: Settings, queue: str) -> str:
+    """The task that runs on ``queue`` (a queue name of ``[queues]``).
+
+    Raises
+    ------
+    ConfigError
+        No configured queue has this name.
+    """
+    tasks = {
+        settings.queues.inference.name: PROCESS_TASK,
+        settings.queues.dispatch.name: DISPATCH_TASK,
+    }
+    if queue not in tasks:
+        raise ConfigError(f"no queue {queue!r}: the queues are {', '.join(tasks)}")
+    return tasks[queue]
+
+
+def recorded_queue_controls(settings: Settings) -> dict[str, QueueControlState]:
+    """What admins recorded on the queues (paused, rate limits); empty on the embedded broker
+    (queue control needs Redis) or when the job store cannot be read (logged)."""
+    if uses_embedded_broker(settings):
+        return {}
+    from dermpacs.processing import shared_job_store
+
+    try:
+        return queue_controls(shared_job_store(settings))
+    except Exception as exc:
+        logger.warning("could not read paused queues and rate limits: %s", exc)
+        return {}
+
+
+def apply_recorded_rate_limits(settings: Settings, controls: dict[str, QueueControlState]) -> bool:
+    """Set the tasks' rate limits that admins recorded; whether any changed."""
+    changed = False
+    for queue, state in controls.items():
+        if state.rate_limit is None:
+            continue
+        try:
+            task = app.tasks[queue_task(settings, queue)]
+        except ConfigError:
+            continue  # a queue this configuration no longer has
+        limit = state.rate_limit or None
+        if task.rate_limit != limit:
+            task.rate_limit = limit
+            logger.info("queue %s: rate limit %s (set by %s)", queue, limit or "none", state.actor)
+            changed = True
+    return changed
+
+
+@signals.worker_ready.connect
+def _apply_queue_controls(sender: Any = None, **_: Any) -> None:
+    # A pause or rate limit given while this worker started (it did not hear the broadcast):
+    # apply what is recorded now. The consumer (``sender``) is ready and consuming.
+    settings = current_settings()
+    controls = recorded_queue_controls(settings)
+    if sender is None or not controls:
+        return
+    consuming = {queue.name for queue in sender.task_consumer.queues}
+    for queue, state in sorted(controls.items()):
+        if state.paused and queue in consuming:
+            sender.cancel_task_queue(queue)
+            logger.info("queue %s is paused (by %s): not consuming it", queue, state.actor)
+    if apply_recorded_rate_limits(settings, controls):
+        sender.reset_rate_limits()
+
+
 def start_worker(*, queues: list[str], concurrency: int, pool: str, verbose: bool = False) -> int:
     """Run a worker for ``queues`` in this process until it is told to stop; its exit code.
 
-    Call :func:`configure` first.
+    Queues that an admin paused are not consumed until ``dermpacs queues resume``, and the
+    rate limits an admin set apply (:mod:`dermpacs.jobs.queue_control`). Call
+    :func:`configure` first.
     """
+    settings = current_settings()
+    controls = recorded_queue_controls(settings)
+    paused = sorted(q for q in queues if q in controls and controls[q].paused)
+    for queue in paused:
+        logger.info("queue %s is paused (by %s): not consuming it", queue, controls[queue].actor)
+    apply_recorded_rate_limits(settings, controls)
     if pool == "prefork" and concurrency > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Each pool process runs its own torch; with torch's default (a thread per core in
         # every process) N processes oversubscribe the CPU several times over, which made
@@ -274,6 +382,7 @@ def start_worker(*, queues: list[str], concurrency: int, pool: str, verbose: boo
     worker = app.Worker(
         hostname=f"dermpacs-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}",
         queues=queues,
+        exclude_queues=paused,
         concurrency=concurrency,
         pool_cls=pool,
         loglevel="DEBUG" if verbose else "INFO",

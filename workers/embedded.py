@@ -3,7 +3,9 @@
 What ``dermpacs serve`` and a one-host setup use when ``broker.url`` is empty: no Redis, and a
 publisher in one process (the listener) reaches a worker in another. Two changes to kombu's
 transport: a message is deleted when a worker takes it (kombu keeps taken messages forever,
-marked invisible), and the queue is polled every 0.1 s instead of every second. Like kombu's,
+marked invisible), messages are served by priority as on kombu's Redis transport (a LOWER
+``priority`` property first, then in the order sent; kombu's serves them in order sent only),
+and the queue is polled every 0.1 s instead of every second. Like kombu's,
 this broker does not redeliver a message whose worker died; the job store's reconciler
 publishes such jobs again (``reconcile_stalled(queued_grace=...)``).
 """
@@ -16,9 +18,15 @@ from typing import Any
 
 from kombu.transport import sqlalchemy as kombu_sqla
 from kombu.utils.encoding import bytes_to_str
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, func, text
 
 TRANSPORT = "workers.embedded:Transport"
+
+
+def _priority(payload: Any) -> Any:
+    # The message's priority property (kombu sets it on every message it puts; 0 when the
+    # sender gave none, as on Redis). SQLite reads it from the stored JSON.
+    return func.coalesce(func.json_extract(payload, "$.properties.priority"), 0)
 
 
 class Channel(kombu_sqla.Channel):
@@ -44,6 +52,7 @@ class Channel(kombu_sqla.Channel):
                 self.session.query(self.message_cls)
                 .filter(self.message_cls.queue_id == obj.id)
                 .filter(self.message_cls.visible != False)  # noqa: E712 (SQL expression)
+                .order_by(_priority(self.message_cls.payload))
                 .order_by(self.message_cls.sent_at)
                 .order_by(self.message_cls.id)
                 .limit(1)

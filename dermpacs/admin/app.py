@@ -80,6 +80,18 @@ RETRY_NOTICES = {
 GOOD_NOTICES = {"processing", "dispatch", "cancelled"}
 # Longest cancel reason kept in the audit trail (a form field).
 MAX_REASON_LENGTH = 500
+# Notices shown after a queue action on the overview (again a code, never free text).
+QUEUE_NOTICES = {
+    "paused": "Paused: workers stop taking from the queue; running tasks finish.",
+    "resumed": "Resumed: workers take from the queue again.",
+    "rate": "Rate limit set in the workers.",
+    "no-workers": "Recorded, but no worker answered: workers apply it when they start.",
+    "worker-error": "A worker refused the change; see its log.",
+    "bad-rate": 'Not a rate limit: give a number per second, or per s, m or h ("10/m"), or none.',
+    "unavailable": "Queue control needs the Redis broker: the embedded broker cannot reach "
+    "workers in other processes.",
+    "broker-down": "The broker is unavailable: nothing was changed in the workers.",
+}
 
 
 @dataclass
@@ -291,7 +303,7 @@ def create_app(
     # -- pages ----------------------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse)
-    def overview(request: Request, principal: Reader) -> Response:
+    def overview(request: Request, principal: Reader, queue_notice: str | None = None) -> Response:
         jobs = store.list_jobs(limit=settings.admin.recent_jobs)
         last_received = store.list_jobs(limit=1)
         return page(
@@ -305,7 +317,47 @@ def create_app(
             queues=services.queue_probe(True),
             jobs=jobs,
             refusals=services.refusals.recent(10),
+            queue_notice=QUEUE_NOTICES.get(queue_notice or ""),
+            queue_notice_ok=queue_notice in {"paused", "resumed", "rate"},
         )
+
+    @app.post("/queues/{name}/{action}")
+    async def queue_action(request: Request, name: str, action: str, principal: Admin) -> Response:
+        """Pause, resume or rate-limit a queue in the running workers."""
+        from dermpacs.admin.control import (
+            ControlResult,
+            QueueControlUnavailable,
+            set_paused,
+            set_rate_limit,
+        )
+
+        if action not in ("pause", "resume", "rate"):
+            return _not_found(request, principal, f"There is no queue action {action!r}.")
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        result: ControlResult
+        try:
+            if action == "rate":
+                limit = (form.get("limit") or [""])[0]
+                result = set_rate_limit(settings, store, name, limit, actor=principal.actor)
+            else:
+                result = set_paused(settings, store, name, action == "pause", actor=principal.actor)
+        except QueueControlUnavailable:
+            notice = "unavailable"
+        except ConfigError as exc:
+            if "no queue" in str(exc):
+                return _not_found(request, principal, f"There is no queue {name!r}.")
+            notice = "bad-rate"
+        except Exception as exc:
+            logger.warning("queue %s %s by %s failed: %s", name, action, principal.actor, exc)
+            notice = "broker-down"
+        else:
+            if not result.answered:
+                notice = "no-workers"
+            elif result.errors:
+                notice = "worker-error"
+            else:
+                notice = {"pause": "paused", "resume": "resumed", "rate": "rate"}[action]
+        return RedirectResponse(f"/?queue_notice={notice}#queues", status_code=303)
 
     @app.get("/jobs", response_class=HTMLResponse)
     def jobs_page(

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 
 from dermpacs.config import Settings
 from dermpacs.jobs.models import Delivery, DeliveryState, Job, JobEvent, JobState, utc_now
+from dermpacs.jobs.queue_control import QueueControlState, queue_controls
 from dermpacs.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ class QueueStatus:
         Jobs that left the stage per minute over the last five minutes.
     broker_error
         Why the broker could not be read, if it could not.
+    paused
+        An admin paused the queue (``dermpacs queues pause``); workers do not take from it.
+    rate_limit
+        The rate limit of the queue's task in each worker: the one an admin set, else the
+        configured one; empty: none.
     """
 
     name: str
@@ -77,6 +83,8 @@ class QueueStatus:
     consumers: list[str] | None
     done_per_minute: float
     broker_error: str | None = None
+    paused: bool = False
+    rate_limit: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,6 +264,12 @@ def queue_consumers(settings: Settings, names: list[str]) -> dict[str, list[str]
     return consumers
 
 
+def _effective_rate_limit(configured: str, control: QueueControlState | None) -> str:
+    if control is None or control.rate_limit is None:
+        return configured
+    return control.rate_limit
+
+
 def inspect_queues(
     settings: Settings, store: JobStore, *, ask_workers: bool = True
 ) -> list[QueueStatus]:
@@ -277,6 +291,7 @@ def inspect_queues(
             logger.warning("could not read Redis' unacknowledged messages: %s", exc)
     consumers = queue_consumers(settings, names) if ask_workers and broker_error is None else None
     view = store_queue_view(store)
+    controls = queue_controls(store)
     return [
         QueueStatus(
             name=queue.name,
@@ -285,6 +300,8 @@ def inspect_queues(
             reserved=None if reserved is None else reserved.get(queue.name, 0),
             consumers=None if consumers is None else consumers.get(queue.name, []),
             broker_error=broker_error,
+            paused=queue.name in controls and controls[queue.name].paused,
+            rate_limit=_effective_rate_limit(queue.rate_limit, controls.get(queue.name)),
             **view[stage],
         )
         for stage, queue in stages.items()

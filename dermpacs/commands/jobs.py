@@ -80,12 +80,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 print(json.dumps([j.as_json() for j in jobs], indent=2))
                 return 0
             print(
-                f"{'id':>6}  {'state':<13} {'att':>3}  {'updated (UTC)':<19}  "
+                f"{'id':>6}  {'state':<13} {'priority':<8} {'att':>3}  {'updated (UTC)':<19}  "
                 f"{'caller':<16}  finding / last error"
             )
             for j in jobs:
                 print(
-                    f"{j.id:>6}  {j.state.value:<13} {j.attempts:>3}  "
+                    f"{j.id:>6}  {j.state.value:<13} {j.priority:<8} {j.attempts:>3}  "
                     f"{j.updated_at:%Y-%m-%d %H:%M:%S}  {j.calling_ae_title:<16}  "
                     f"{j.finding or _short(j.last_error)}"
                 )
@@ -100,7 +100,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 print(json.dumps(detail.as_json(), indent=2))
                 return 0
             job = detail.job
-            print(f"job {job.id}: {job.state.value} (attempts {job.attempts})")
+            print(
+                f"job {job.id}: {job.state.value} (attempts {job.attempts}, "
+                f"priority {job.priority})"
+            )
             for key in (
                 "study_instance_uid",
                 "series_instance_uid",

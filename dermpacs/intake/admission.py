@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import re
 import struct
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from pydicom import dcmread
@@ -20,6 +20,8 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dermpacs.intake.priority import header_values
 
 # PS3.5 9.1: a UID is at most 64 characters of digits and dots, components without
 # leading zeros (a lone "0" is allowed).
@@ -64,6 +66,9 @@ class AdmittedInstance:
     transfer_syntax_uid: str
     rows: int
     columns: int
+    # Values of the header attributes asked for (``admit(keywords=...)``), for the
+    # priority rules.
+    header_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def is_valid_uid(value: object) -> bool:
@@ -187,6 +192,7 @@ def admit(
     transfer_syntax_uid: str,
     accepted_sop_classes: Collection[str],
     max_megapixels: float,
+    keywords: Sequence[str] = (),
 ) -> AdmittedInstance:
     """Decide from the header whether a received instance is taken.
 
@@ -203,6 +209,8 @@ def admit(
         The SOP classes read as photographs.
     max_megapixels
         Largest Rows x Columns taken, in millions of pixels.
+    keywords
+        Header attributes whose values are handed back (``header_values``).
 
     Returns
     -------
@@ -232,6 +240,7 @@ def admit(
         series = header.get("SeriesInstanceUID")
         # Converted here, where a value of the wrong length (a US of 3 bytes) is caught.
         image = {keyword: header.get(keyword) for keyword in _IMAGE_KEYWORDS}
+        wanted = header_values(header, keywords)
     except AdmissionRefused:
         raise
     except Exception as exc:  # a hostile header can raise anything from the parser
@@ -284,4 +293,5 @@ def admit(
         transfer_syntax_uid=str(syntax),
         rows=rows,
         columns=columns,
+        header_values=wanted,
     )

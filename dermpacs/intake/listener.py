@@ -37,9 +37,10 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from dermpacs.config import IntakeSettings, ListenerSettings
 from dermpacs.imaging.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, PHOTO_SOP_CLASSES
 from dermpacs.intake.admission import AdmissionRefused, StoreStatus, admit
+from dermpacs.intake.priority import PriorityRules
 from dermpacs.intake.quarantine import Quarantine, QuarantineRecord
 from dermpacs.intake.spool import Spool, SpoolError, SpoolFullError
-from dermpacs.jobs.models import JobState
+from dermpacs.jobs.models import LEGACY_PRIORITY, JobState
 from dermpacs.jobs.store import JobStore, ReceivedInstance
 
 logger = logging.getLogger(__name__)
@@ -223,6 +224,8 @@ class Listener:
         Called for every refused C-STORE with its status, the reason and (keywords)
         ``calling_ae_title`` and ``sop_instance_uid`` (:meth:`RefusalLog.record
         <dermpacs.intake.refusals.RefusalLog.record>`). Must not block.
+    priority_rules
+        Choose each job's priority level (``[[queues.rules]]``); None: every job ``normal``.
     """
 
     def __init__(
@@ -238,8 +241,12 @@ class Listener:
         transfer_syntaxes: Sequence[str] = ACCEPTED_TRANSFER_SYNTAXES,
         quarantine: Quarantine | None = None,
         on_refused: RefusalHook | None = None,
+        priority_rules: PriorityRules | None = None,
     ) -> None:
         self.settings = settings
+        self.priority_rules = priority_rules or PriorityRules(
+            rules=(), default_level=LEGACY_PRIORITY
+        )
         self.intake = intake
         self.spool = spool
         self.store = store
@@ -439,6 +446,7 @@ class Listener:
                 transfer_syntax_uid=syntax,
                 accepted_sop_classes=self.sop_classes,
                 max_megapixels=self.intake.max_megapixels,
+                keywords=self.priority_rules.keywords,
             )
         except AdmissionRefused as refusal:
             return self._refuse(
@@ -457,6 +465,11 @@ class Listener:
         if self._below_watermark:
             self._below_watermark = False
             logger.info("free space above storage.min_free_mb again: intake resumed")
+        level = self.priority_rules.level_for(
+            calling_ae_title=caller,
+            sop_class_uid=admitted.sop_class_uid,
+            header=admitted.header_values,
+        )
         try:
             outcome = self.store.record_received(
                 ReceivedInstance(
@@ -467,6 +480,7 @@ class Listener:
                     transfer_syntax_uid=admitted.transfer_syntax_uid,
                     calling_ae_title=caller,
                     spool_path=str(path),
+                    priority=level,
                 ),
                 model_version=self.model_version,
                 # Lazy: the fsync'd spool file makes the photo durable, and start-up recovery
@@ -499,11 +513,12 @@ class Listener:
         self.counters.stored += 1
         self.on_recorded(outcome.job_id)
         logger.info(
-            "C-STORE from %s: SOP Instance %s -> job %d (%s, %.1f ms)",
+            "C-STORE from %s: SOP Instance %s -> job %d (%s, %s, %.1f ms)",
             caller,
             sop_instance,
             outcome.job_id,
             "new" if outcome.created else f"restarted, was {JobState.FAILED.value}",
+            level,
             (time.perf_counter() - started) * 1000,
         )
         return _status(StoreStatus.SUCCESS)

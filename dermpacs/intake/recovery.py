@@ -21,7 +21,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from dermpacs.intake.priority import PriorityRules, header_values
 from dermpacs.intake.spool import Spool
+from dermpacs.jobs.models import LEGACY_PRIORITY
 from dermpacs.jobs.store import JobStore, ReceivedInstance
 
 logger = logging.getLogger(__name__)
@@ -40,23 +42,38 @@ class SpoolRecovery:
     unreadable: list[Path] = field(default_factory=list)
 
 
-def _instance_of(path: Path) -> ReceivedInstance:
+def _instance_of(path: Path, rules: PriorityRules) -> ReceivedInstance:
     header = dcmread(path, stop_before_pixels=True)
     meta = header.file_meta
+    # The listener writes the caller into the file meta (0002,0017) when it spools.
+    caller = str(meta.get("SendingApplicationEntityTitle", "") or "")
+    level = rules.level_for(
+        calling_ae_title=caller,
+        sop_class_uid=str(header.SOPClassUID),
+        header=header_values(header, rules.keywords),
+    )
     return ReceivedInstance(
         study_instance_uid=str(header.StudyInstanceUID),
         series_instance_uid=str(header.SeriesInstanceUID),
         sop_instance_uid=str(header.SOPInstanceUID),
         sop_class_uid=str(header.SOPClassUID),
         transfer_syntax_uid=str(meta.TransferSyntaxUID),
-        # The listener writes the caller into the file meta (0002,0017) when it spools.
-        calling_ae_title=str(meta.get("SendingApplicationEntityTitle", "") or ""),
+        calling_ae_title=caller,
         spool_path=str(path),
+        priority=level,
     )
 
 
-def recover_spooled(store: JobStore, spool: Spool, *, model_version: str) -> SpoolRecovery:
-    """Record a job for every recent spool file that no job row names."""
+def recover_spooled(
+    store: JobStore,
+    spool: Spool,
+    *,
+    model_version: str,
+    priority_rules: PriorityRules | None = None,
+) -> SpoolRecovery:
+    """Record a job for every recent spool file that no job row names, at the priority level
+    that ``priority_rules`` choose for it (as the listener would have)."""
+    rules = priority_rules or PriorityRules(rules=(), default_level=LEGACY_PRIORITY)
     result = SpoolRecovery()
     newest = store.newest_created_at()
     since = None if newest is None else newest - LOST_ROW_WINDOW
@@ -69,7 +86,7 @@ def recover_spooled(store: JobStore, spool: Spool, *, model_version: str) -> Spo
             continue
         result.examined += 1
         try:
-            instance = _instance_of(path)
+            instance = _instance_of(path, rules)
         except Exception as exc:  # admitted once, so only a damaged disk gets here
             logger.error("spool file %s cannot be read (%s); left as it is", path, exc)
             result.unreadable.append(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dermpacs.config import Settings
 from dermpacs.intake.listener import Listener
+from dermpacs.intake.priority import PriorityRules
 from dermpacs.intake.quarantine import Quarantine
 from dermpacs.intake.recovery import recover_spooled
 from dermpacs.intake.refusals import RefusalLog
@@ -70,6 +71,7 @@ class IntakeService:
         self.model_version = model_version
         self.publisher = Publisher(self.store, publish_processing)
         self.refusals = RefusalLog(self.store.engine)
+        self.priority_rules = PriorityRules.from_settings(settings.queues)
         self.listener = Listener(
             settings.listener,
             intake=settings.intake,
@@ -79,6 +81,7 @@ class IntakeService:
             on_recorded=self.publisher.submit,
             quarantine=self.quarantine,
             on_refused=self.refusals.record,
+            priority_rules=self.priority_rules,
         )
         jobs = settings.jobs
         lease = timedelta(seconds=jobs.lease_timeout)
@@ -101,7 +104,12 @@ class IntakeService:
         removed = self.spool.clear_incoming()
         if removed:
             logger.info("removed %d partial spool file(s) left by a crash", removed)
-        recover_spooled(self.store, self.spool, model_version=self.model_version)
+        recover_spooled(
+            self.store,
+            self.spool,
+            model_version=self.model_version,
+            priority_rules=self.priority_rules,
+        )
         summary = requeue_unfinished(
             self.store,
             publish_processing=self.publish_processing,

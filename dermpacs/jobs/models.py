@@ -13,6 +13,7 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -29,6 +30,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 # DICOM UIDs have at most 64 characters (PS3.5 9.1); AE titles 16 (PS3.5 6.2).
 UID_LENGTH = 64
 AE_LENGTH = 16
+PRIORITY_LENGTH = 32
+# The level of jobs recorded before levels existed (the column's server default).
+LEGACY_PRIORITY = "normal"
 
 
 class JobState(enum.StrEnum):
@@ -144,6 +148,11 @@ class Job(Base):
     finding: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The priority level chosen at intake (``[[queues.rules]]``); its broker priority is
+    # used each time the job is published.
+    priority: Mapped[str] = mapped_column(
+        String(PRIORITY_LENGTH), default=LEGACY_PRIORITY, server_default=LEGACY_PRIORITY
+    )
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"
@@ -212,3 +221,19 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class QueueControl(Base):
+    """What an admin changed on a queue while it runs (``dermpacs queues pause|rate``).
+
+    Workers read it when they start, so that a pause or a rate limit also holds for a worker
+    that was not running when it was given.
+    """
+
+    __tablename__ = "queue_control"
+
+    queue: Mapped[str] = mapped_column(String(128), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    rate_limit: Mapped[str | None] = mapped_column(String(32), nullable=True)  # None: configured
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(128))

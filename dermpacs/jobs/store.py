@@ -36,6 +36,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from dermpacs.config import Settings, read_secret_file
 from dermpacs.jobs.models import (
     CANCELLABLE_STATES,
+    LEGACY_PRIORITY,
     RETRYABLE_STATES,
     TERMINAL_STATES,
     UNFINISHED_STATES,
@@ -79,6 +80,7 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     calling_ae_title: str
     spool_path: str
+    priority: str = LEGACY_PRIORITY  # the level chosen by the priority rules
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class JobSnapshot:
     finding: str | None
     created_at: datetime
     updated_at: datetime
+    priority: str
 
     @classmethod
     def of(cls, job: Job) -> JobSnapshot:
@@ -119,6 +122,7 @@ class JobSnapshot:
             finding=job.finding,
             created_at=job.created_at,
             updated_at=job.updated_at,
+            priority=job.priority,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -493,6 +497,7 @@ class JobStore:
                 transfer_syntax_uid=instance.transfer_syntax_uid,
                 calling_ae_title=instance.calling_ae_title,
                 spool_path=instance.spool_path,
+                priority=instance.priority,
                 model_version=model_version,
                 state=JobState.RECEIVED,
                 attempts=0,
@@ -522,6 +527,7 @@ class JobStore:
             ).scalar_one()
             if existing.state is JobState.FAILED:
                 existing.spool_path = instance.spool_path
+                existing.priority = instance.priority
                 existing.attempts = 0
                 existing.last_error = None
                 self._move(
@@ -530,6 +536,15 @@ class JobStore:
                 session.commit()
                 return RecordOutcome(existing.id, False, True, JobState.RECEIVED)
             return RecordOutcome(existing.id, False, False, JobState(existing.state))
+
+    def priorities(self, job_ids: Iterable[int]) -> dict[int, str]:
+        """The priority level of each job (unknown ids are left out)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        with self._session() as session:
+            rows = session.execute(select(Job.id, Job.priority).where(Job.id.in_(ids))).all()
+        return {int(job_id): str(level) for job_id, level in rows}
 
     def mark_queued(
         self,
