@@ -59,7 +59,7 @@ def inspect_app(stack: services.Stack):
 
 
 def test_an_urgent_job_is_processed_before_normal_ones_that_waited_longer(
-    tmp_path, own_redis, plumbing_model, camera_template
+    tmp_path, own_redis, plumbing_model, camera_template, capsys
 ):
     """Four normal photos, then an urgent one (its camera's AE title matches a rule), all
     queued while no worker runs; a worker of concurrency 1 then takes the urgent one first."""
@@ -109,6 +109,21 @@ def test_an_urgent_job_is_processed_before_normal_ones_that_waited_longer(
         order = sorted(started, key=started.__getitem__)
         assert order[0] == jobs[-1].id, (order, [j.priority for j in jobs])
         assert order[1:] == [j.id for j in jobs[:-1]]  # the normal ones in the order received
+
+        code, out = cli(capsys, stack, "jobs", "show", str(jobs[-1].id))
+        assert code == 0 and "priority urgent" in out
+        code, out = cli(capsys, stack, "jobs", "list", "--json")
+        assert sorted(j["priority"] for j in json.loads(out)) == ["normal"] * 4 + ["urgent"]
+        from dermpacs.admin.app import create_app
+        from dermpacs.config import load_settings
+
+        with TestClient(create_app(load_settings(stack.config))) as client:
+            page = client.get(f"/jobs/{jobs[-1].id}", headers=basic(READER)).text
+            assert '<dd id="priority">urgent</dd>' in page
+            assert (
+                '<td class="priority">urgent</td>'
+                in client.get("/jobs", headers=basic(READER)).text
+            )
     finally:
         stack.stop()
 

@@ -163,3 +163,71 @@ def test_redis_has_one_priority_step_per_level(tmp_path):
 
     options = celery_config(settings)["broker_transport_options"]
     assert options["priority_steps"] == [1, 4, 8]
+
+
+def test_the_example_rules_in_the_shipped_configuration_load(tmp_path):
+    """config/dermpacs.toml carries example rules, commented out: uncommented, they load."""
+    text = (Path(__file__).resolve().parents[1] / "config" / "dermpacs.toml").read_text()
+    lines = text.splitlines()
+    first = lines.index("# [[queues.rules]]")
+    example = []
+    for line in lines[first:]:
+        if not line.startswith("# "):
+            break
+        example.append(line[2:])
+    settings = _settings(tmp_path, text + "\n" + "\n".join(example) + "\n")
+    assert [rule.level for rule in settings.queues.rules] == ["urgent", "urgent", "off-peak"]
+    assert settings.queues.rules[1].tags == {"RequestedProcedurePriority": "STAT"}
+
+
+def test_a_job_store_made_before_priorities_gets_the_column(database_url):
+    """An existing job table without ``priority``: opening the store adds it, and the jobs
+    already there get the legacy level."""
+    from sqlalchemy import inspect, text
+
+    from dermpacs.jobs.store import JobStore, ReceivedInstance, make_engine
+
+    store = JobStore(make_engine(database_url, pool_size=2), actor="test")
+    try:
+        store.create_schema()
+        received = ReceivedInstance(
+            study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3.4",
+            sop_instance_uid="1.2.3.4.5",
+            sop_class_uid=VL_PHOTO,
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            calling_ae_title="CAMERA",
+            spool_path="/nowhere",
+            priority="urgent",
+        )
+        old = store.record_received(received, model_version="m").job_id
+        with store.engine.begin() as connection:
+            connection.execute(text("ALTER TABLE job DROP COLUMN priority"))
+        assert "priority" not in {c["name"] for c in inspect(store.engine).get_columns("job")}
+        store.create_schema()
+        store.create_schema()  # idempotent
+        assert store.get(old).job.priority == "normal"
+        new = store.record_received(
+            ReceivedInstance(**{**received.__dict__, "sop_instance_uid": "1.2.3.4.6"}),
+            model_version="m",
+        ).job_id
+        assert store.priorities([old, new, 999]) == {old: "normal", new: "urgent"}
+    finally:
+        store.dispose()
+
+
+def test_the_embedded_broker_serves_the_lowest_priority_number_first(tmp_path):
+    """The embedded broker (SQLite) hands out messages by priority, then in the order sent."""
+    from workers.app import configure, publish_processing
+
+    settings = _settings(tmp_path, f'[storage]\nroot = "{tmp_path / "storage"}"\n')
+    app = configure(settings)
+    for job_id, level in [(1, "normal"), (2, "off-peak"), (3, "normal"), (4, "urgent")]:
+        publish_processing(job_id, level=level)
+    publish_processing(5)  # no such job in the store: the default level
+    taken = []
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get("inference")) is not None:
+            taken.append(message.decode()[0][0])  # Celery protocol 2 body: (args, kwargs, embed)
+    assert taken == [4, 1, 3, 5, 2]

@@ -4,8 +4,10 @@ Pages (role ``read``): ``/`` overview (listener, queues, jobs per state, recent 
 refusals), ``/jobs`` (filter by state; ``?state=failed`` lists failures with their reasons),
 ``/jobs/{id}`` (audit trail, outputs, deliveries, overlay thumbnail), ``/destinations``,
 ``/config`` (the effective configuration, secrets masked) and ``/metrics``. Actions (role
-``admin``, POST from the page's own origin only): ``/jobs/{id}/retry``, ``/jobs/{id}/cancel``
-and ``/destinations/{name}/test``. ``/healthz`` and ``/readyz`` need no credentials (probes).
+``admin``, POST from the page's own origin only): ``/jobs/{id}/retry``, ``/jobs/{id}/cancel``,
+``/destinations/{name}/test`` and ``/queues/{name}/pause|resume|rate`` (Celery remote
+control, :mod:`dermpacs.admin.control`). ``/healthz`` and ``/readyz`` need no credentials
+(probes).
 
 :func:`create_app` builds the app from the settings; its collaborators (job store,
 publishers, probes) can be handed in, which the tests do to count what was published.
