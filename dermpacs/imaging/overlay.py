@@ -6,8 +6,8 @@ others, "NOT FOR CLINICAL USE"), drawn with pillow. Burned In Annotation is YES 
 C.7.6.1.1.4). The image goes into the source's study, in a new series.
 
 A review image, not a diagnostic one: photos larger than ``max_long_side`` are scaled down
-(Lanczos) before drawing, so that a 24-megapixel photo does not become a 72 MB uncompressed
-object on the PACS.
+(by a whole factor, averaging blocks) before drawing, so that a 24-megapixel photo does not
+become a 72 MB uncompressed object on the PACS.
 """
 
 from __future__ import annotations
@@ -50,15 +50,24 @@ _LEGEND_BACKGROUND_ALPHA: Final = 0.6
 def _scaled(
     rgb: np.ndarray, label_map: np.ndarray, max_long_side: int | None
 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """The photo and its labels reduced by the smallest whole factor that brings the long side
+    to ``max_long_side`` or below.
+
+    A whole factor lets pillow's box reduction (each output pixel the mean of a block, which is
+    what a resampling filter converges to at that factor) and plain subsampling of the labels do
+    the work: about ten times cheaper than Lanczos to exactly ``max_long_side`` on a
+    12-megapixel photo (4000 x 3000 becomes 2000 x 1500), and the outlines stay on pixel edges.
+    """
     rows, columns = label_map.shape
     long_side = max(rows, columns)
     if max_long_side is None or long_side <= max_long_side:
         return rgb, label_map, 1.0
-    scale = max_long_side / long_side
-    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
-    image = Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS)
-    labels = Image.fromarray(label_map.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
-    return np.asarray(image), np.asarray(labels), scale
+    factor = -(-long_side // max_long_side)
+    image = Image.fromarray(rgb).reduce(factor)
+    # Label of each block's top left pixel, the same grid as the reduced photo (whose size is
+    # rounded up for a partial last block).
+    labels = np.ascontiguousarray(label_map[::factor, ::factor], dtype=np.uint8)
+    return np.asarray(image), labels, 1.0 / factor
 
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
