@@ -232,6 +232,8 @@ class ModelSettings(_Section):
     segmentation_weights: str = ""  # empty: the reference weights shipped in the package
     classifier_weights: str = ""
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # auto: ONNX Runtime on the CPU when onnxruntime imports, PyTorch on CUDA; torch; onnx (CPU)
+    runtime: Literal["auto", "torch", "onnx"] = "auto"
     long_side: int = Field(512, ge=64)
     classes: list[str] = Field(
         default_factory=lambda: [

@@ -292,8 +292,12 @@ def build_job_results(
     from dermpacs.imaging.results import build_results
 
     source = parse_dicom_file(spool_path)
-    photo = read_photograph(source, max_megapixels=settings.intake.max_megapixels)
-    analysis = analyser.analyse(photo.rgb)
+    photo = read_photograph(
+        source,
+        max_megapixels=settings.intake.max_megapixels,
+        preview_long_side=analyser.long_side,
+    )
+    analysis = analyser.analyse(photo.rgb, preview=photo.preview)
     results = build_results(
         source,
         photo.rgb,

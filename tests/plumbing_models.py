@@ -64,12 +64,13 @@ def write_plumbing_models(folder: Path, constant_label: int | None) -> Settings:
     )
     return Settings.model_validate(
         {
+            "storage": {"root": str(folder / "storage")},  # the ONNX export cache goes there
             "model": {
                 "segmentation_weights": str(seg_path),
                 "classifier_weights": str(cls_path),
                 "device": "cpu",
                 "long_side": LONG_SIDE,
                 "classes": CLASSES,
-            }
+            },
         }
     )

@@ -322,3 +322,32 @@ def test_full_read_falls_back_to_pydicom_when_pillow_cannot(
     assert calls == [1]
     monkeypatch.undo()
     assert np.abs(photo.rgb.astype(np.int16) - read_photograph(ds).rgb).mean() < 1.0
+
+
+# --- the preview beside a full read (the worker's segmentation input) ----------------------
+
+
+@pytest.mark.parametrize("kind", [k for k in PHOTO_KINDS if k.name in _DCT_KINDS], ids=str)
+def test_full_read_with_preview_gives_the_scaled_read(kind: PhotoKind) -> None:
+    dataset, _ = make_photo(kind, rows=120, columns=160)
+    scaled = read_photograph_scaled(dataset, target_long_side=40)
+    if not scaled.dct_scaled:
+        pytest.skip(f"{kind.name}: the codec does not scale this one")
+    photo = read_photograph(dataset, preview_long_side=40)
+    assert np.array_equal(photo.rgb, read_photograph(dataset).rgb)
+    assert photo.preview is not None and photo.preview.shape == (30, 40, 3)
+    assert np.array_equal(photo.preview, scaled.rgb)
+    assert not photo.preview.flags.writeable
+
+
+@pytest.mark.parametrize("kind", ["vlp-explicit-rgb", "vlp-jpeg-baseline-ybr-422"])
+def test_no_preview_where_the_codec_cannot_scale_or_nothing_is_gained(kind: str) -> None:
+    dataset, _ = make_photo(kind, rows=120, columns=160)
+    # native pixels: reducing would mean decoding in full again; a target above half the
+    # size: no DCT scale fits
+    long_side = 40 if kind == "vlp-explicit-rgb" else 100
+    assert read_photograph(dataset, preview_long_side=long_side).preview is None
+    assert read_photograph(dataset).preview is None
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="preview_long_side"):
+            read_photograph(dataset, preview_long_side=bad)  # type: ignore[arg-type]

@@ -111,6 +111,7 @@ def _settings(weights) -> Settings:
     settings.model.classifier_weights = str(weights[1])
     settings.model.long_side = LONG_SIDE
     settings.model.device = "cpu"
+    settings.model.runtime = "torch"  # no ONNX export under the default storage root
     return settings
 
 

@@ -26,6 +26,7 @@ from dermpacs.inference.pipeline import (
     labels_at_shape,
     resolve_device,
 )
+from dermpacs.inference.preprocessing import analysis_shape, resize_photo, to_input_batch
 from dermpacs.inference.skintone import srgb_to_lab
 from tests.plumbing_models import CLASSES, CROP_SIZE, LONG_SIDE
 from tests.plumbing_models import write_plumbing_models as _write_models
@@ -131,14 +132,46 @@ def test_batch_equals_one_by_one(tmp_path: Path) -> None:
     assert analyser.analyse_batch([]) == []
 
 
-def test_reduced_decode_maps_to_source_pixels(tmp_path: Path) -> None:
+def test_preview_is_the_segmentation_input_and_results_stay_at_full_size(tmp_path: Path) -> None:
     analyser = Analyser.from_settings(_write_models(tmp_path, LESION))
-    result = analyser.analyse(_photo(150, 200), source_shape=(600, 800))
+    photo = _photo(600, 800)
+    preview = _photo(150, 200, seed=5)  # a different picture: the mask must come from it
+    result = analyser.analyse(photo, preview=preview)
     assert result.label_map.shape == (600, 800)
     assert result.crops
     for crop in result.crops:
         r0, c0, r1, c1 = crop.box
         assert 0 <= r0 < r1 <= 600 and 0 <= c0 < c1 <= 800
+    # the crops are cut from the full photo: the same as without the preview (all lesion)
+    plain = analyser.analyse(photo)
+    assert [c.box for c in result.crops] == [c.box for c in plain.crops]
+    for name in CLASSES:
+        assert result.probabilities[name] == pytest.approx(plain.probabilities[name], abs=1e-6)
+    # The segmentation network is shown the preview brought to the photo's analysis shape.
+    seen: list[torch.Tensor] = []
+    network = analyser.segmentation
+    analyser.segmentation = lambda batch: seen.append(batch.clone()) or network(batch)  # type: ignore[assignment]
+    analyser.analyse(photo, preview=preview)
+    analyser.analyse(photo)
+    meta = analyser.segmentation_metadata
+    shape = analysis_shape(photo.shape, LONG_SIDE)
+    from_preview = to_input_batch(
+        [resize_photo(preview, LONG_SIDE, shape=shape)], meta.mean, meta.std
+    )
+    from_photo = to_input_batch([resize_photo(photo, LONG_SIDE)], meta.mean, meta.std)
+    assert torch.equal(seen[0], from_preview) and torch.equal(seen[1], from_photo)
+    assert not torch.equal(from_preview, from_photo)
+
+
+@pytest.mark.parametrize("shape", [(300, 401), (150, 201), (75, 100)])
+def test_preview_that_does_not_fit_the_photo_is_refused(
+    tmp_path: Path, shape: tuple[int, int]
+) -> None:
+    analyser = Analyser.from_settings(_write_models(tmp_path, None))
+    with pytest.raises(PhotoError, match="preview"):
+        analyser.analyse(_photo(600, 800), preview=_photo(*shape))
+    with pytest.raises(PhotoError, match="one entry per photo"):
+        analyser.analyse_batch([_photo(600, 800)], previews=[])
 
 
 @pytest.mark.parametrize(
@@ -181,32 +214,67 @@ def test_device_names() -> None:
             resolve_device("cuda:0")
 
 
-def test_mask_upsampling() -> None:
+def _boundary_logits(rows: int, columns: int, seed: int) -> torch.Tensor:
+    """Logits like a segmentation network's: smooth regions (a skin disc holding a lesion)
+    with noise, so that the classes meet along curved boundaries."""
+    generator = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(
+        torch.linspace(-1, 1, rows), torch.linspace(-1, 1, columns), indexing="ij"
+    )
+    radius = (x**2 + y**2).sqrt()
+    lesion = ((x - 0.2) ** 2 + (y + 0.1) ** 2).sqrt()
+    logits = torch.stack([(radius - 0.8) * 10, (0.8 - radius) * 10, (0.3 - lesion) * 20])
+    return logits + 0.5 * torch.randn(3, rows, columns, generator=generator)
+
+
+def test_argmax_channels() -> None:
     torch.manual_seed(3)
     logits = torch.randn(3, 37, 50)
-    assert np.array_equal(argmax_channels(logits).numpy(), logits.argmax(0).numpy())
+    assert np.array_equal(argmax_channels(logits), logits.argmax(0).numpy())
+    assert np.array_equal(argmax_channels(logits.numpy()), logits.argmax(0).numpy())
     ties = torch.zeros(3, 4, 4)
     assert not argmax_channels(ties).any()  # the first channel wins ties, as argmax does
-    assert np.array_equal(labels_at_shape(logits, (37, 50)), logits.argmax(0).numpy())
-    # Up to the bilinear limit: exactly the argmax of bilinearly upsampled logits.
-    shape = (300, 400)
-    full = F.interpolate(logits[None], size=shape, mode="bilinear", align_corners=False)[0]
-    assert np.array_equal(labels_at_shape(logits, shape), full.argmax(0).numpy())
-    # Beyond it: the same labels enlarged, boundary steps of at most 4 pixels here.
-    large = labels_at_shape(logits, (1200, 1600), max_bilinear_side=400)
-    assert large.shape == (1200, 1600)
-    assert np.array_equal(large[1::4, 1::4], full.argmax(0).numpy())
+
+
+@pytest.mark.parametrize(
+    ("logits_shape", "shape"),
+    [
+        ((37, 50), (37, 50)),  # same size: the argmax itself
+        ((37, 50), (300, 400)),
+        ((37, 50), (1201, 1599)),  # factors that are not whole numbers
+        ((96, 128), (750, 1000)),  # a 12-MP photo's ratio, at a quarter of the size
+        ((37, 50), (20, 30)),  # smaller than the logits
+        ((1, 5), (7, 40)),  # a single row
+    ],
+)
+def test_mask_at_source_size_is_the_argmax_of_bilinear_logits(
+    logits_shape: tuple[int, int], shape: tuple[int, int]
+) -> None:
+    """labels_at_shape interpolates only along boundaries; it must give what upsampling every
+    pixel's logits bilinearly and taking the argmax gives, on random logits (every pixel a
+    boundary) and on network-like ones (boundaries are a thin band)."""
+    for logits in (torch.randn(3, *logits_shape), _boundary_logits(*logits_shape, seed=1)):
+        full = F.interpolate(logits[None], size=shape, mode="bilinear", align_corners=False)[0]
+        expected = full.argmax(0).numpy()
+        found = labels_at_shape(logits, shape)
+        assert found.shape == shape and found.dtype == np.uint8
+        # float rounding may only flip pixels where two classes (nearly) tie
+        assert np.mean(found == expected) >= 0.99999
+        disagree = found != expected
+        if disagree.any():
+            top2 = torch.topk(full, 2, dim=0).values
+            assert float((top2[0] - top2[1]).numpy()[disagree].max()) < 1e-5
 
 
 SHIPPED = DEFAULT_WEIGHTS_DIR / "segmentation.safetensors"
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="reference weights not trained yet")
-def test_shipped_weights_segment_a_synthetic_photo() -> None:
+def test_shipped_weights_segment_a_synthetic_photo(tmp_path: Path) -> None:
     """The reference weights (trained on synthetic photos) find skin and lesion in a new one."""
     from dermpacs.training.synth import generate_photo
 
-    analyser = Analyser.from_settings(Settings())
+    analyser = Analyser.from_settings(Settings.model_validate({"storage": {"root": tmp_path}}))
     dice_skin, dice_lesion = [], []
     for index in range(4):
         photo = generate_photo(seed=987_654, index=index, long_side=640)

@@ -26,6 +26,8 @@ def _config(tmp_path: Path, settings: Settings) -> Path:
     model = settings.model
     path = tmp_path / "dermpacs.toml"
     path.write_text(
+        "[storage]\n"
+        f'root = "{settings.storage.root}"\n'
         "[model]\n"
         f'segmentation_weights = "{model.segmentation_weights}"\n'
         f'classifier_weights = "{model.classifier_weights}"\n'

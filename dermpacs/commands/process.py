@@ -78,14 +78,18 @@ class _Input:
     reason: str | None = None
 
 
-def _read(path: Path, settings: Settings) -> _Input:
+def _read(path: Path, settings: Settings, preview_long_side: int) -> _Input:
     from dermpacs.imaging.decode import PhotographError, parse_dicom_file, read_photograph
     from dermpacs.inference.preprocessing import PhotoError, check_rgb
 
     item = _Input(path)
     try:
         item.source = parse_dicom_file(path)
-        photo = read_photograph(item.source, max_megapixels=settings.intake.max_megapixels)
+        photo = read_photograph(
+            item.source,
+            max_megapixels=settings.intake.max_megapixels,
+            preview_long_side=preview_long_side,
+        )
         check_rgb(photo.rgb)  # refused here rather than failing the whole batch later
         item.photo = photo
     except PhotographError as exc:
@@ -214,15 +218,20 @@ def process_files(
     files = iter_input_files(paths)
     size = max(1, batch_size)
     while True:
-        chunk = [_read(path, settings) for _, path in zip(range(size), files, strict=False)]
+        chunk = [
+            _read(path, settings, analyser.long_side)
+            for _, path in zip(range(size), files, strict=False)
+        ]
         if not chunk:
             return
-        readable = [item for item in chunk if item.photo is not None]
-        photos = [item.photo.rgb for item in readable if item.photo is not None]
-        analyses = dict(zip(map(id, readable), analyser.analyse_batch(photos), strict=True))
+        readable = [item.photo for item in chunk if item.photo is not None]
+        found = analyser.analyse_batch(
+            [photo.rgb for photo in readable], previews=[photo.preview for photo in readable]
+        )
+        analyses = dict(zip(map(id, readable), found, strict=True))
         for item in chunk:
-            if item.error is None:
-                yield _results_for(item, analyses[id(item)], analyser, settings, out_dir)
+            if item.photo is not None:
+                yield _results_for(item, analyses[id(item.photo)], analyser, settings, out_dir)
             else:
                 yield {"source": str(item.path), "error": item.error, "reason": item.reason}
 

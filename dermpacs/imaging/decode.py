@@ -205,6 +205,10 @@ class Photograph:
         Whether the source is, or may be, lossy compressed (its (0028,2110) Lossy Image
         Compression is ``01`` or its transfer syntax is lossy); derived images must then say
         so too (PS3.3 C.7.6.1.1.5).
+    preview : numpy.ndarray or None
+        The same photo decoded by the codec at 1/2, 1/4 or 1/8 scale (DCT scaling),
+        ``ceil(rows / k) x ceil(columns / k) x 3`` ``uint8``, read-only, when it was asked for
+        (``preview_long_side`` of :func:`read_photograph`) and the codec can scale; else None.
     """
 
     rgb: np.ndarray = field(repr=False)
@@ -217,6 +221,7 @@ class Photograph:
     rows: int
     columns: int
     lossy_compression: bool = False
+    preview: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         rgb = self.rgb
@@ -232,6 +237,17 @@ class Photograph:
         view = np.ascontiguousarray(rgb).view()
         view.flags.writeable = False
         object.__setattr__(self, "rgb", view)
+        if self.preview is not None:
+            preview = self.preview
+            shapes = {(*reduced_shape(self.rows, self.columns, k), 3) for k in REDUCTIONS[:-1]}
+            if preview.dtype != np.uint8 or preview.shape not in shapes:
+                raise ValueError(
+                    'Argument "preview" must be uint8 of shape (ceil(rows / k), '
+                    f"ceil(columns / k), 3) for k in 2, 4, 8, not {preview.dtype} {preview.shape}."
+                )
+            view = np.ascontiguousarray(preview).view()
+            view.flags.writeable = False
+            object.__setattr__(self, "preview", view)
 
 
 def reduced_shape(rows: int, columns: int, reduction: int) -> tuple[int, int]:
@@ -415,9 +431,19 @@ def parse_dicom_file(data: bytes | bytearray | memoryview | str | os.PathLike[st
 
 
 def read_photograph(
-    dataset: Dataset, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    dataset: Dataset,
+    *,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    preview_long_side: int | None = None,
 ) -> Photograph:
     """Read a parsed data set as a photograph: check its header, then decode its pixels.
+
+    With ``preview_long_side``, an 8-bit colour JPEG (Baseline or Extended) is also decoded at
+    the smallest of 1/2, 1/4 and 1/8 scale whose long side is at least ``preview_long_side``
+    by libjpeg's DCT scaling (as :func:`read_photograph_scaled` does): the analysis input is
+    made from that small picture, which the codec gives more cheaply and with less aliasing
+    than resampling 12 megapixels, while crops and the overlay use the full pixels. Other
+    encodings, and photos too small to reduce, get no preview.
 
     Parameters
     ----------
@@ -427,6 +453,8 @@ def read_photograph(
         which only works for native pixel data.
     max_megapixels : float
         The largest Rows x Columns accepted, in millions of pixels.
+    preview_long_side : int, optional
+        Ask for a preview (:attr:`Photograph.preview`) of at least this long side.
 
     Returns
     -------
@@ -438,10 +466,22 @@ def read_photograph(
     PhotographError
         For every object that is not one readable photograph; ``reason`` says why.
     """
+    if preview_long_side is not None and (
+        isinstance(preview_long_side, bool)
+        or not isinstance(preview_long_side, int)
+        or preview_long_side < 1
+    ):
+        raise ValueError('Argument "preview_long_side" must be a positive number of pixels.')
     header = check_photograph(dataset, max_megapixels=max_megapixels)
     rgb: np.ndarray | None = None
+    preview: np.ndarray | None = None
     if _pillow_jpeg(header):
-        rgb = _decode_jpeg_pillow(_first_frame(_pixel_data_bytes(dataset), header), header, 1)
+        frame = _first_frame(_pixel_data_bytes(dataset), header)
+        rgb = _decode_jpeg_pillow(frame, header, 1)
+        if rgb is not None and preview_long_side is not None:
+            reduction = choose_reduction(header.rows, header.columns, preview_long_side)
+            if reduction > 1:
+                preview = _decode_jpeg_pillow(frame, header, reduction)
     if rgb is None:
         rgb = _decode_rgb(dataset, header)
     return Photograph(
@@ -455,6 +495,7 @@ def read_photograph(
         rows=header.rows,
         columns=header.columns,
         lossy_compression=header.lossy_compression,
+        preview=preview,
     )
 
 

@@ -48,10 +48,17 @@ def analysis_shape(shape: Sequence[int], long_side: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
-def resize_photo(rgb: np.ndarray, long_side: int) -> np.ndarray:
-    """The photo at the analysis scale (bilinear, antialiased when reducing)."""
+def resize_photo(
+    rgb: np.ndarray, long_side: int, *, shape: Sequence[int] | None = None
+) -> np.ndarray:
+    """The photo at the analysis scale (bilinear, antialiased when reducing).
+
+    ``shape`` (rows, columns) overrides the size computed from ``rgb``'s own: a preview decoded
+    at reduced scale is brought to the analysis shape of the full photo it stands for, so that
+    both give the network inputs of the same size.
+    """
     rgb = check_rgb(rgb)
-    rows, columns = analysis_shape(rgb.shape, long_side)
+    rows, columns = analysis_shape(rgb.shape, long_side) if shape is None else shape
     if (rows, columns) == rgb.shape[:2]:
         return rgb
     image = Image.fromarray(rgb)
