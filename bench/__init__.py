@@ -7,6 +7,7 @@ the harness works, asserts no times). Each part is also a module with its own ``
 ``python -m bench.gpu_inference`` (the last needs a CUDA machine).
 
 Every figure is measured beside its baseline in the same run (dcmtk ``storescp`` and Orthanc
-for receiving; a full decode for the reduced-scale decode; eager PyTorch for compiled or
-exported networks), and every result file records the machine, the command and the date.
+for receiving; the old worker path -- eager PyTorch on the full decode -- for the worker's
+fast path and for compiled networks), and every result file records the machine, the command
+and the date.
 """

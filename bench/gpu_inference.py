@@ -153,7 +153,9 @@ def run_gpu(
         torch.backends.cudnn.benchmark = True
     model = choose_model()
     settings = Settings.model_validate({"model": {**model.section, "device": str(target)}})
-    analyser = Analyser.from_settings(settings, device=str(target))
+    # PyTorch on the card (AMP, TF32); on the CPU too, so that the FLOP count below can hook
+    # the modules (the worker would take ONNX Runtime there: bench/inference.py measures it).
+    analyser = Analyser.from_settings(settings, device=str(target), runtime="torch")
     long_side, crop = analyser.long_side, analyser.crop_size
     rows = long_side * 3 // 4 // 32 * 32
     crops_per_photo = analyser.crop_settings.max_crops

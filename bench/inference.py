@@ -1,20 +1,25 @@
-"""Inference: milliseconds per photo for each stage of the method, at 1, 4 and 12 megapixels.
+"""Inference: milliseconds per photo for each stage of the worker, at 1, 4 and 12 megapixels.
 
-For camera photos (img2dcm JPEG) of each size, one photo at a time as a worker takes them:
+For camera photos (img2dcm JPEG) of each size, one photo at a time as a worker takes them, the
+stages of :func:`dermpacs.processing.build_job_results` timed one by one -- parse, decode, the
+Analyser's own stages (resize to the analysis scale, segmentation, the mask at the source's
+size, crops, classification, skin tone, quality), the result objects (SEG, SR, overlay) and
+writing them with fsync -- for three variants in the same run:
 
-* decode: the full JPEG (:func:`~dermpacs.imaging.decode.read_photograph`, the baseline) or
-  at reduced scale (:func:`~dermpacs.imaging.decode.read_photograph_scaled`, DCT scaling) to
-  the smallest long side that keeps every crop at least as large as the classifier's input;
-* the Analyser's own stage timings: resize to the analysis scale, segmentation, the label map
-  at the source's size, crops, classification, skin tone, quality;
-* the result objects (SEG, SR, overlay; full decode only, since the overlay is drawn on the
-  full photo);
+* ``old``: what the worker ran before the fast path, the baseline: eager PyTorch on the full
+  decode (``model.runtime = "torch"``, no preview). Its result objects are built by today's
+  imaging code, so it isolates the inference side;
+* ``onnx``: ONNX Runtime on the full decode, no preview (what the runtime alone gives);
+* ``worker``: what the worker runs now (:func:`dermpacs.processing.read_for_analysis`):
+  ONNX Runtime, the segmentation input from the codec's reduced-scale decode, crops and
+  overlay from the full decode.
 
-each with the networks in eager PyTorch (the baseline) and in ONNX Runtime, whose outputs are
-checked against eager PyTorch (logits, labels, probabilities) and against each other's decode.
-``torch.compile`` is timed on the segmentation network at the analysis scale, compile time
-included. Peak resident memory of a worker-like process (models loaded, one photo of each
-size decoded, analysed and its results built) is measured in a fresh process per variant.
+Also: the ONNX export at first use and a load from the cache; the networks alone (eager and
+ONNX Runtime taking turns call by call); the results of the variants compared (labels,
+probabilities, finding); ``torch.compile`` on the segmentation network; batch 4 against batch
+1 on this CPU; and the peak resident memory of a worker-like process per variant and size
+(fresh process: models loaded from the cache, then the same photo twice through the whole
+path, results written).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import math
 import resource
 import shutil
 import statistics
@@ -30,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,115 +47,113 @@ from bench.services import REPO, exit_on_sigterm
 
 SIZES = ("1mp", "4mp", "12mp")
 METHOD_TARGET_SECONDS = 0.5  # issue 7: the whole method under 0.5 s per 12-MP photo
-# Stated tolerances for "equal": ONNX Runtime against eager PyTorch on the same input.
+# Stated tolerances for "equal" (docs/model-card.md; tests/test_runtime.py checks them).
 LOGIT_TOLERANCE = 1e-3
-PROBABILITY_TOLERANCE = 1e-4
-LABEL_AGREEMENT_MIN = 0.999
+ONNX_LABEL_AGREEMENT_MIN = 0.9999
+ONNX_PROBABILITY_TOLERANCE = 1e-4
+PREVIEW_LABEL_AGREEMENT_MIN = 0.995
+PREVIEW_PROBABILITY_TOLERANCE = 0.02
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "old": {"runtime": "torch", "preview": False, "what": "eager PyTorch, full decode"},
+    "onnx": {"runtime": "onnx", "preview": False, "what": "ONNX Runtime, full decode"},
+    "worker": {
+        "runtime": "onnx",
+        "preview": True,
+        "what": "ONNX Runtime, segmentation input from the reduced decode (the worker)",
+    },
+}
+# The stages that make "the method" (up to the findings) and the whole worker path.
+METHOD_STAGES = ("parse", "decode", "analyse_total")
+RESULT_STAGES = ("build_segmentation", "build_report", "build_overlay")
 
 
-def make_analyser(section: dict[str, Any]) -> Any:
+def bench_settings(section: dict[str, Any], storage_root: Path) -> Any:
     from dermpacs.config import Settings
+
+    return Settings.model_validate({"model": section, "storage": {"root": str(storage_root)}})
+
+
+def make_analyser(settings: Any, runtime: str) -> Any:
     from dermpacs.inference.pipeline import Analyser
 
-    return Analyser.from_settings(Settings.model_validate({"model": section}))
+    return Analyser.from_settings(settings, runtime=runtime)
 
 
-def reduced_target_long_side(analyser: Any, rows: int, columns: int) -> int:
-    """The smallest long side at which every crop window is still at least the classifier's
-    input size, and the analysis scale is not upsampled.
-
-    The smallest window is ``min(window_fractions)`` of the short side; it is cut from the
-    decoded photo and resized to ``crop_size``. Decoding smaller would enlarge crops and lose
-    the skin texture the classifier sees at full resolution.
-    """
-    smallest_window = min(analyser.crop_settings.window_fractions)
-    short_side_needed = analyser.crop_size / smallest_window
-    aspect = max(rows, columns) / min(rows, columns)
-    return max(analyser.long_side, math.ceil(short_side_needed * aspect))
-
-
-def analyse_file(
-    analyser: Any, data: bytes, *, reduced: bool, build: bool, errors: list[str] | None = None
+def run_worker_path(
+    analyser: Any, settings: Any, data: bytes, *, preview: bool, folder: Path
 ) -> tuple[dict[str, float], Any, Any]:
-    """Decode and analyse one DICOM photo; stage times (ms), the analysis, the decoded photo.
+    """One photo through the worker's path, each stage timed (ms); the analysis and photo.
 
-    A failure to build the result objects is appended to ``errors`` (when given) instead of
-    raised, so that the method's own timings are still reported.
+    The steps are those of :func:`dermpacs.processing.build_job_results`, called one by one.
     """
-    from dermpacs.imaging.decode import parse_dicom_file, read_photograph, read_photograph_scaled
+    from dermpacs.imaging import results
+    from dermpacs.imaging.decode import parse_dicom_file, read_photograph
+    from dermpacs.processing import read_for_analysis, write_result_objects
 
     times: dict[str, float] = {}
     started = time.perf_counter()
     source = parse_dicom_file(data)
-    times["parse"] = (time.perf_counter() - started) * 1000
-    mark = time.perf_counter()
-    if reduced:
-        rows, columns = int(source.Rows), int(source.Columns)
-        photo = read_photograph_scaled(
-            source, target_long_side=reduced_target_long_side(analyser, rows, columns)
-        )
-        times["decode"] = (time.perf_counter() - mark) * 1000
-        analysis = analyser.analyse(photo.rgb, source_shape=photo.source_shape)
+    mark = times_since(times, "parse", started)
+    if preview:
+        photo = read_for_analysis(source, settings, analyser)
+        mark = times_since(times, "decode", mark)
+        analysis = analyser.analyse(photo.rgb, preview=photo.preview)
     else:
-        photo = read_photograph(source)
-        times["decode"] = (time.perf_counter() - mark) * 1000
+        photo = read_photograph(source, max_megapixels=settings.intake.max_megapixels)
+        mark = times_since(times, "decode", mark)
         analysis = analyser.analyse(photo.rgb)
+    mark = times_since(times, "analyse_total", mark)
     for stage, value in analysis.timings_ms.items():
-        times[stage if stage != "total" else "analyse_total"] = value
-    times["method_total"] = (time.perf_counter() - started) * 1000
-    if build and not reduced:
-        try:
-            times.update(build_and_write(source, photo.rgb, analysis, analyser))
-        except ValueError as exc:  # ResultBuildError, UnknownCodeError
-            if errors is None:
-                raise
-            errors.append(f"{type(exc).__name__}: {exc}")
+        if stage != "total":
+            times[stage] = value
+    times["method_total"] = (mark - started) * 1000
+    with timed_builders(results, times):
+        objects = results.build_results(
+            source,
+            photo.rgb,
+            analysis,
+            algorithm_version=analyser.model_version,
+            class_names=list(analyser.classes),
+        )
+    mark = times_since(times, "results_total", mark)
+    write_result_objects(objects.as_dict(), folder)
+    mark = times_since(times, "write_fsync", mark)
+    times["results_bytes"] = float(sum(p.stat().st_size for p in folder.iterdir()))
+    times["worker_total"] = (mark - started) * 1000
     return times, analysis, photo
 
 
-def build_and_write(source: Any, rgb: np.ndarray, analysis: Any, analyser: Any) -> dict[str, float]:
-    """Build SEG, SR and overlay as the worker does, and write them (fsync) to a temp folder;
-    milliseconds for each builder, the three together, and the write."""
-    from dermpacs.imaging import results
-    from dermpacs.processing import write_result_objects
+def times_since(times: dict[str, float], stage: str, since: float) -> float:
+    now = time.perf_counter()
+    times[stage] = (now - since) * 1000
+    return now
 
-    times: dict[str, float] = {}
-    originals = {
-        name: getattr(results, name)
-        for name in ("build_segmentation", "build_report", "build_overlay")
-    }
 
-    def timed(name: str, function: Any) -> Any:
+class timed_builders:  # noqa: N801 - used as a context manager, like a function
+    """Time SEG, SR and overlay building inside ``build_results`` (patched for the call)."""
+
+    def __init__(self, module: Any, times: dict[str, float]) -> None:
+        self.module, self.times = module, times
+        self.originals = {name: getattr(module, name) for name in RESULT_STAGES}
+
+    def __enter__(self) -> None:
+        for name, function in self.originals.items():
+            setattr(self.module, name, self._wrap(name, function))
+
+    def __exit__(self, *exc: object) -> None:
+        for name, function in self.originals.items():
+            setattr(self.module, name, function)
+
+    def _wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             mark = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                times[f"build_{name.removeprefix('build_')}"] = (time.perf_counter() - mark) * 1000
+                self.times[name] = (time.perf_counter() - mark) * 1000
 
         return call
-
-    for name, function in originals.items():
-        setattr(results, name, timed(name, function))
-    try:
-        mark = time.perf_counter()
-        objects = results.build_results(
-            source,
-            rgb,
-            analysis,
-            algorithm_version=analyser.model_version,
-            class_names=list(analyser.classes),
-        )
-        times["results_seg_sr_overlay"] = (time.perf_counter() - mark) * 1000
-    finally:
-        for name, function in originals.items():
-            setattr(results, name, function)
-    with tempfile.TemporaryDirectory(prefix="dermpacs-bench-results-") as folder:
-        mark = time.perf_counter()
-        write_result_objects(objects.as_dict(), Path(folder))
-        times["write_results_fsync"] = (time.perf_counter() - mark) * 1000
-        times["results_bytes"] = float(sum(p.stat().st_size for p in Path(folder).iterdir()))
-    return times
 
 
 def median_times(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -165,21 +167,7 @@ def min_times(samples: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(min(s[k] for s in samples if k in s), 2) for k in keys}
 
 
-def time_classifier(analyser: Any, crops: int, repeats: int) -> float:
-    """Milliseconds to classify ``crops`` crops in one batch (the most the rule keeps)."""
-    rng = np.random.default_rng(0)
-    size = analyser.crop_size
-    batch = rng.integers(0, 256, size=(crops, size, size, 3), dtype=np.uint8)
-    analyser.classify(batch)
-    samples = []
-    for _ in range(repeats):
-        mark = time.perf_counter()
-        analyser.classify(batch)
-        samples.append((time.perf_counter() - mark) * 1000)
-    return round(statistics.median(samples), 2)
-
-
-def compare_analyses(a: Any, b: Any) -> dict[str, float]:
+def compare_analyses(a: Any, b: Any) -> dict[str, Any]:
     """How far two analyses of the same photo are apart."""
     agree = float(np.mean(np.asarray(a.label_map) == np.asarray(b.label_map)))
     diff = max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities)
@@ -192,15 +180,14 @@ def compare_analyses(a: Any, b: Any) -> dict[str, float]:
 
 
 def compare_networks(eager: Any, ort: Any, photo_rgb: np.ndarray) -> dict[str, Any]:
-    """Logits of both backends on one analysis-scale input and one batch of crops."""
+    """Logits of both runtimes on one analysis-scale input and one batch of crops."""
     import torch
 
     from dermpacs.inference.crops import cut_whole_photo
     from dermpacs.inference.preprocessing import resize_photo, to_crop_batch, to_input_batch
 
     meta = eager.segmentation_metadata
-    small = resize_photo(photo_rgb, eager.long_side)
-    batch = to_input_batch([small], meta.mean, meta.std)
+    batch = to_input_batch([resize_photo(photo_rgb, eager.long_side)], meta.mean, meta.std)
     with torch.inference_mode():
         reference = eager.segmentation(batch)
     exported = ort.segmentation(batch)
@@ -219,8 +206,16 @@ def compare_networks(eager: Any, ort: Any, photo_rgb: np.ndarray) -> dict[str, A
         "classifier_logit_max_abs_diff": float(f"{cls_diff:.3g}"),
         "within_tolerance": seg_diff <= LOGIT_TOLERANCE
         and cls_diff <= LOGIT_TOLERANCE
-        and seg_agree >= LABEL_AGREEMENT_MIN,
+        and seg_agree >= ONNX_LABEL_AGREEMENT_MIN,
     }
+
+
+def within(comparison: dict[str, Any], agreement: float, tolerance: float) -> bool:
+    return bool(
+        comparison["label_agreement"] >= agreement
+        and comparison["probability_max_abs_diff"] <= tolerance
+        and comparison["same_finding"]
+    )
 
 
 def time_networks_interleaved(eager: Any, ort: Any, repeats: int) -> dict[str, Any]:
@@ -293,6 +288,40 @@ def time_torch_compile(analyser: Any, repeats: int) -> dict[str, Any]:
     }
 
 
+def time_batching(analyser: Any, settings: Any, data: bytes, repeats: int) -> dict[str, Any]:
+    """The Analyser on 4 photos: ``analyse_batch`` (one segmentation batch of 4, one
+    classification batch) against four ``analyse`` calls, taking turns; ms per photo."""
+    from dermpacs.imaging.decode import parse_dicom_file
+    from dermpacs.processing import read_for_analysis
+
+    photo = read_for_analysis(parse_dicom_file(data), settings, analyser)
+    photos, previews = [photo.rgb] * 4, [photo.preview] * 4
+
+    def together() -> None:
+        analyser.analyse_batch(photos, previews=previews)
+
+    def one_by_one() -> None:
+        for rgb, preview in zip(photos, previews, strict=True):
+            analyser.analyse(rgb, preview=preview)
+
+    samples: dict[str, list[float]] = {"batch_4": [], "batch_1": []}
+    together()
+    one_by_one()
+    for _ in range(max(repeats, 2)):
+        for name, call in (("batch_4", together), ("batch_1", one_by_one)):
+            mark = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - mark) * 1000 / 4)
+    return {
+        "photos": 4,
+        "decoded_shape": list(photo.rgb.shape[:2]),
+        **{
+            name: {"min_ms": round(min(v), 1), "median_ms": round(statistics.median(v), 1)}
+            for name, v in samples.items()
+        },
+    }
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size in MiB.
 
@@ -310,43 +339,31 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_rss(
-    size: str, *, reduced: bool, backend: str, onnx_dir: Path | None = None
-) -> dict[str, Any]:
-    """In this (fresh) process: load models, then decode, analyse and build one photo.
-
-    With ONNX Runtime the sessions are made from the files exported earlier (``onnx_dir``),
-    as a worker would load shipped .onnx files: the export's own memory is not counted.
-    """
-    model = choose_model()
-    analyser = make_analyser(model.section)
-    if backend == "onnxruntime":
-        from bench.onnx_backend import onnx_analyser
-
-        if onnx_dir is None:
-            raise ValueError("onnx_dir: the exported networks are needed")
-        analyser = onnx_analyser(analyser, onnx_dir, export=False)
+def worker_rss(size: str, variant: str, storage_root: Path) -> dict[str, Any]:
+    """In this (fresh) process: load models (ONNX files from the cache filled earlier), then
+    take the same photo twice through the whole worker path, results written."""
+    spec = VARIANTS[variant]
+    settings = bench_settings(choose_model().section, storage_root)
+    analyser = make_analyser(settings, spec["runtime"])
     data = inputs.input_file("camera", size).read_bytes()
     loaded = peak_rss_mib()
-    errors: list[str] = []
-    samples = [
-        analyse_file(analyser, data, reduced=reduced, build=True, errors=errors)[0]
-        for _ in range(2)
-    ]
-    peak = peak_rss_mib()
+    with tempfile.TemporaryDirectory(prefix="dermpacs-bench-results-") as folder:
+        samples = [
+            run_worker_path(analyser, settings, data, preview=spec["preview"], folder=Path(folder))[
+                0
+            ]
+            for _ in range(2)
+        ]
     return {
         "size": size,
-        "decode": "reduced" if reduced else "full",
-        "backend": backend,
+        "variant": variant,
         "rss_models_loaded_mib": round(loaded, 1),
-        "peak_rss_mib": round(peak, 1),
-        "method_total_ms_second_photo": round(samples[-1]["method_total"], 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "worker_total_ms_second_photo": round(samples[-1]["worker_total"], 1),
     }
 
 
-def measure_rss(
-    size: str, *, reduced: bool, backend: str, onnx_dir: Path | None = None
-) -> dict[str, Any]:
+def measure_rss(size: str, variant: str, storage_root: Path) -> dict[str, Any]:
     """Run :func:`worker_rss` in a fresh interpreter, so each peak is its own."""
     done = subprocess.run(
         [
@@ -355,11 +372,10 @@ def measure_rss(
             "bench.inference",
             "--worker-rss",
             size,
-            "--decode",
-            "reduced" if reduced else "full",
-            "--backend",
-            backend,
-            *(["--onnx-dir", str(onnx_dir)] if onnx_dir else []),
+            "--variant",
+            variant,
+            "--storage-root",
+            str(storage_root),
         ],
         capture_output=True,
         text=True,
@@ -367,21 +383,8 @@ def measure_rss(
         cwd=REPO,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"worker-rss {size} failed: {done.stderr[-2000:]}")
+        raise RuntimeError(f"worker-rss {size} {variant} failed: {done.stderr[-2000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
-
-
-def numpy_peak(analyser: Any, data: bytes, *, reduced: bool) -> float:
-    """Peak of memory traced by tracemalloc (Python objects and numpy arrays, not torch)."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        analyse_file(analyser, data, reduced=reduced, build=not reduced, errors=[])
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return round(peak / 2**20, 1)
 
 
 def run_inference(
@@ -401,91 +404,109 @@ def run_inference(
     compile_check = (not short) if compile_check is None else compile_check
     rss = (not short) if rss is None else rss
     model = choose_model()
-    eager = make_analyser(model.section)
-    folder = Path(tempfile.mkdtemp(prefix="dermpacs-bench-onnx-"))
-    # the exported networks are needed until the last memory run; gone when this process ends
-    atexit.register(shutil.rmtree, folder, True)
-    export_started = time.perf_counter()
-    from bench.onnx_backend import onnx_analyser
-
-    ort = onnx_analyser(eager, folder)
-    export_s = time.perf_counter() - export_started
-    backends = {"eager": eager, "onnxruntime": ort}
+    storage_root = Path(tempfile.mkdtemp(prefix="dermpacs-bench-storage-"))
+    # the ONNX cache is needed until the last memory run; gone when this process ends
+    atexit.register(shutil.rmtree, storage_root, True)
+    settings = bench_settings(model.section, storage_root)
+    eager = make_analyser(settings, "torch")
+    mark = time.perf_counter()
+    ort = make_analyser(settings, "onnx")  # first use: exports both networks into the cache
+    export_s = time.perf_counter() - mark
+    mark = time.perf_counter()
+    make_analyser(settings, "onnx")
+    cached_s = time.perf_counter() - mark
+    analysers = {"torch": eager, "onnx": ort}
     rows: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
+    results_folder = Path(tempfile.mkdtemp(prefix="dermpacs-bench-results-"))
+    atexit.register(shutil.rmtree, results_folder, True)
     for size in sizes:
         path = inputs.input_file("camera", size)
         data = path.read_bytes()
         described = inputs.describe_file(path)
-        analyses: dict[tuple[str, str], Any] = {}
-        for backend, analyser in backends.items():
-            for decode in ("full", "reduced"):
-                reduced = decode == "reduced"
-                analyse_file(analyser, data, reduced=reduced, build=False)  # warm-up
-                samples = []
-                errors: list[str] = []
-                for _ in range(repeats):
-                    times, analysis, photo = analyse_file(
-                        analyser, data, reduced=reduced, build=True, errors=errors
-                    )
-                    samples.append(times)
-                analyses[(backend, decode)] = analysis
-                rows.append(
-                    {
-                        "size": size,
-                        "megapixels": round(inputs.SIZES[size].megapixels, 2),
-                        "file_bytes": described["file_bytes"],
-                        "backend": backend,
-                        "decode": decode,
-                        "decoded_shape": list(photo.rgb.shape[:2]),
-                        "crops": len(analysis.crops),
-                        "whole_image_fallback": analysis.whole_image_fallback,
-                        "ms": median_times(samples),
-                        "ms_min": min_times(samples),
-                        "results_error": errors[0] if errors else None,
-                    }
-                )
-        photo_rgb = _full_rgb(data)
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+        analyses: dict[str, Any] = {}
+        photos: dict[str, Any] = {}
+
+        def one(name: str, data: bytes = data) -> tuple[dict[str, float], Any, Any]:
+            spec = VARIANTS[name]
+            return run_worker_path(
+                analysers[spec["runtime"]],
+                settings,
+                data,
+                preview=spec["preview"],
+                folder=results_folder / name,
+            )
+
+        for name in VARIANTS:
+            one(name)  # warm-up
+        # The variants take turns within each repeat, so a disturbance hits all alike.
+        for _ in range(repeats):
+            for name in VARIANTS:
+                times, analyses[name], photos[name] = one(name)
+                samples[name].append(times)
+        for name, spec in VARIANTS.items():
+            photo = photos[name]
+            rows.append(
+                {
+                    "size": size,
+                    "megapixels": round(inputs.SIZES[size].megapixels, 2),
+                    "file_bytes": described["file_bytes"],
+                    "variant": name,
+                    "what": spec["what"],
+                    "runtime": spec["runtime"],
+                    "decoded_shape": list(photo.rgb.shape[:2]),
+                    "preview_shape": (
+                        list(photo.preview.shape[:2]) if photo.preview is not None else None
+                    ),
+                    "crops": len(analyses[name].crops),
+                    "whole_image_fallback": analyses[name].whole_image_fallback,
+                    "ms": median_times(samples[name]),
+                    "ms_min": min_times(samples[name]),
+                }
+            )
+        onnx_vs_old = compare_analyses(analyses["old"], analyses["onnx"])
+        worker_vs_old = compare_analyses(analyses["old"], analyses["worker"])
         checks[size] = {
-            "onnxruntime_vs_eager_networks": compare_networks(eager, ort, photo_rgb),
-            "onnxruntime_vs_eager_method_full_decode": compare_analyses(
-                analyses[("eager", "full")], analyses[("onnxruntime", "full")]
-            ),
-            "reduced_vs_full_decode_eager": compare_analyses(
-                analyses[("eager", "full")], analyses[("eager", "reduced")]
+            "onnxruntime_vs_eager_networks": compare_networks(eager, ort, photos["old"].rgb),
+            "onnx_vs_old": {
+                **onnx_vs_old,
+                "within_tolerance": within(
+                    onnx_vs_old, ONNX_LABEL_AGREEMENT_MIN, ONNX_PROBABILITY_TOLERANCE
+                ),
+            },
+            "worker_vs_old": {
+                **worker_vs_old,
+                "within_tolerance": within(
+                    worker_vs_old, PREVIEW_LABEL_AGREEMENT_MIN, PREVIEW_PROBABILITY_TOLERANCE
+                ),
+            },
+        }
+    networks = time_networks_interleaved(eager, ort, 1 if short else repeats)
+    batching = None
+    if not short:
+        batch_size = "4mp" if "4mp" in sizes else sizes[-1]
+        batching = {
+            "size": batch_size,
+            **time_batching(
+                ort, settings, inputs.input_file("camera", batch_size).read_bytes(), repeats
             ),
         }
-        if not short:
-            checks[size]["traced_python_numpy_peak_mib"] = {
-                "full": numpy_peak(eager, data, reduced=False),
-                "reduced": numpy_peak(eager, data, reduced=True),
-            }
-    max_crops = eager.crop_settings.max_crops
-    classifier_ms = {
-        f"{backend}_{count}_crops": time_classifier(analyser, count, repeats)
-        for backend, analyser in backends.items()
-        for count in (1, max_crops)
-        if not short
-    }
-    networks = time_networks_interleaved(eager, ort, 1 if short else repeats)
     compile_result = time_torch_compile(eager, repeats) if compile_check else None
     memory = []
     if rss:
         for size in sizes:
-            memory.append(measure_rss(size, reduced=False, backend="eager"))
-            memory.append(measure_rss(size, reduced=True, backend="onnxruntime", onnx_dir=folder))
+            for name in ("old", "worker"):
+                memory.append(measure_rss(size, name, storage_root))
     largest = sizes[-1]
-    best = min(
-        (r for r in rows if r["size"] == largest),
-        key=lambda r: r["ms"]["method_total"],
-    )
-    baseline = next(
-        r
-        for r in rows
-        if r["size"] == largest and r["backend"] == "eager" and r["decode"] == "full"
-    )
+
+    def row(size: str, variant: str) -> dict[str, Any]:
+        return next(r for r in rows if r["size"] == size and r["variant"] == variant)
+
+    baseline, worker = row(largest, "old"), row(largest, "worker")
     return {
         "benchmark": "inference",
+        "format": 2,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
         "repeats": repeats,
@@ -495,15 +516,19 @@ def run_inference(
         "analysis_long_side": eager.long_side,
         "crop_size": eager.crop_size,
         "torch_threads": torch.get_num_threads(),
-        "onnx_export_s": round(export_s, 1),
+        "onnx_export_first_use_s": round(export_s, 1),
+        "onnx_load_from_cache_s": round(cached_s, 2),
+        "variants": {name: spec["what"] for name, spec in VARIANTS.items()},
         "tolerances": {
             "logit_max_abs_diff": LOGIT_TOLERANCE,
-            "probability_max_abs_diff": PROBABILITY_TOLERANCE,
-            "label_agreement_min": LABEL_AGREEMENT_MIN,
+            "onnx_label_agreement_min": ONNX_LABEL_AGREEMENT_MIN,
+            "onnx_probability_max_abs_diff": ONNX_PROBABILITY_TOLERANCE,
+            "preview_label_agreement_min": PREVIEW_LABEL_AGREEMENT_MIN,
+            "preview_probability_max_abs_diff": PREVIEW_PROBABILITY_TOLERANCE,
         },
         "rows": rows,
-        "classifier_batch_ms": classifier_ms,
         "networks_interleaved": networks,
+        "batching": batching,
         "checks": checks,
         "torch_compile": compile_result,
         "worker_memory": memory,
@@ -512,19 +537,12 @@ def run_inference(
             "seconds": METHOD_TARGET_SECONDS,
             "baseline_ms_median": baseline["ms"]["method_total"],
             "baseline_ms_min": baseline["ms_min"]["method_total"],
-            "best_ms_median": best["ms"]["method_total"],
-            "best_ms_min": best["ms_min"]["method_total"],
-            "best_variant": f"{best['backend']}, {best['decode']} decode",
-            "met": best["ms"]["method_total"] < METHOD_TARGET_SECONDS * 1000,
+            "worker_ms_median": worker["ms"]["method_total"],
+            "worker_ms_min": worker["ms_min"]["method_total"],
+            "met": worker["ms"]["method_total"] < METHOD_TARGET_SECONDS * 1000,
         },
         "machine": machine_facts(),
     }
-
-
-def _full_rgb(data: bytes) -> np.ndarray:
-    from dermpacs.imaging.decode import read_photograph_bytes
-
-    return np.asarray(read_photograph_bytes(data).rgb)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -536,19 +554,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-rss", action="store_true", help="skip the per-process memory runs")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker-rss", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--decode", default="full", help=argparse.SUPPRESS)
-    parser.add_argument("--backend", default="eager", help=argparse.SUPPRESS)
-    parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="worker", help=argparse.SUPPRESS)
+    parser.add_argument("--storage-root", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     exit_on_sigterm()
     if args.worker_rss:
-        result = worker_rss(
-            args.worker_rss,
-            reduced=args.decode == "reduced",
-            backend=args.backend,
-            onnx_dir=args.onnx_dir,
-        )
-        print(json.dumps(result))
+        if args.storage_root is None:
+            parser.error("--worker-rss needs --storage-root (the ONNX cache)")
+        print(json.dumps(worker_rss(args.worker_rss, args.variant, args.storage_root)))
         return 0
     result = run_inference(
         short=args.short,

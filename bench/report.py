@@ -14,6 +14,7 @@ from typing import Any
 START = "<!-- bench:results:start (written by `python -m bench`; edit the text outside) -->"
 END = "<!-- bench:results:end -->"
 
+RESULT_STAGES = ("build_segmentation", "build_report", "build_overlay")
 STAGES = (
     ("decode", "decode"),
     ("resize", "resize"),
@@ -113,74 +114,68 @@ def inference_section(result: Mapping[str, Any]) -> list[str]:
     lines = ["### Inference: milliseconds per photo, by stage", ""]
     if "error" in result:
         return lines + [f"Not measured: {result['error']}", ""]
+    if result.get("format") != 2:
+        return lines + [
+            "Measured by an earlier version of `bench/inference.py` (variants eager/ONNX "
+            "Runtime x full/reduced decode); run `python -m bench --only inference` again "
+            "for a table of this version.",
+            "",
+        ]
     trained = "" if result.get("model_trained") else " **(untrained: timings only)**"
+    variants = "; ".join(f"**{name}**: {what}" for name, what in result["variants"].items())
     lines += [
         f"Networks: {result['model']}{trained}. Analysis long side {result['analysis_long_side']} "
-        f"px, crops {result['crop_size']} px. Camera JPEG (img2dcm) photos, one at a time; "
-        f"median of {result['repeats']} runs after a warm-up (fastest run in brackets). "
-        "'reduced' decodes the JPEG by DCT scaling to the smallest long side that keeps every "
-        "crop at least the classifier's input size. 'method' is parse + decode + the Analyser "
-        "(everything up to the findings); SEG/SR/overlay building is listed apart.",
+        f"px, crops {result['crop_size']} px. Camera JPEG (img2dcm) photos, one at a time, "
+        "through the worker's steps (`dermpacs.processing.build_job_results`), the variants "
+        f"taking turns; median of {result['repeats']} runs after a warm-up (fastest run in "
+        f"brackets). Variants: {variants}. 'method' is parse + decode + the Analyser "
+        "(everything up to the findings); 'worker' adds SEG, SR and overlay and writing them "
+        "with fsync.",
         "",
     ]
     header = [
         "size",
-        "networks",
-        "decode",
-        "decoded",
-        *[label for key, label in STAGES[1:]],
+        "variant",
+        "decoded (preview)",
+        *[label for key, label in STAGES],
         "method total",
-        "SEG+SR+overlay",
+        "SEG",
+        "SR",
+        "overlay",
+        "write + fsync",
+        "worker total",
     ]
     rows = []
     for row in result["rows"]:
         ms, fast = row["ms"], row["ms_min"]
+        decoded = "x".join(str(v) for v in reversed(row["decoded_shape"]))
+        if row.get("preview_shape"):
+            decoded += f" ({'x'.join(str(v) for v in reversed(row['preview_shape']))})"
         rows.append(
             [
                 f"{row['size']} ({row['file_bytes'] / 1e6:.1f} MB)",
-                row["backend"],
-                f"{ms.get('decode', 0):.0f} ({row['decode']})",
-                "x".join(str(v) for v in reversed(row["decoded_shape"])),
-                *[f"{ms.get(key, 0):.0f}" for key, _ in STAGES[1:]],
+                row["variant"],
+                decoded,
+                *[f"{ms.get(key, 0):.0f}" for key, _ in STAGES],
                 f"**{ms['method_total']:.0f}** ({fast['method_total']:.0f})",
-                f"{ms['results_seg_sr_overlay']:.0f}" if "results_seg_sr_overlay" in ms else "–",
+                *[f"{ms.get(key, 0):.0f}" for key in RESULT_STAGES],
+                f"{ms.get('write_fsync', 0):.0f}",
+                f"**{ms['worker_total']:.0f}** ({fast['worker_total']:.0f})",
             ]
         )
     lines += _table(header, rows)
-    failures = sorted({r["results_error"] for r in result["rows"] if r.get("results_error")})
-    for failure in failures:
-        lines += [f"**Result objects could not be built:** {failure}", ""]
-    built = [r for r in result["rows"] if "build_segmentation" in r["ms"]]
-    if built:
-        lines += ["Result objects (eager rows, full decode), ms: ", ""]
-        lines += _table(
-            ["size", "SEG", "SR", "overlay", "write 3 files + fsync", "bytes written"],
-            [
-                [
-                    r["size"],
-                    f"{r['ms']['build_segmentation']:.0f}",
-                    f"{r['ms']['build_report']:.0f}",
-                    f"{r['ms']['build_overlay']:.0f}",
-                    f"{r['ms']['write_results_fsync']:.0f}",
-                    f"{r['ms']['results_bytes'] / 1e6:.1f} MB",
-                ]
-                for r in built
-                if r["backend"] == "eager"
-            ],
-        )
     target = result["target"]
-    largest = [r for r in result["rows"] if r["size"] == target["size"]]
-    best = min(largest, key=lambda r: r["ms"]["method_total"])  # by median, the robust one
-    met = best["ms"]["method_total"] < target["seconds"] * 1000
-    fastest_met = best["ms_min"]["method_total"] < target["seconds"] * 1000
+    met = target["worker_ms_median"] < target["seconds"] * 1000
+    fastest_met = target["worker_ms_min"] < target["seconds"] * 1000
     lines += [
-        f"Target, whole method < {target['seconds']} s per {target['size']} photo: baseline "
+        f"Target, whole method < {target['seconds']} s per {target['size']} photo: old path "
         f"(eager PyTorch, full decode) {target['baseline_ms_median']:.0f} ms median "
-        f"({target['baseline_ms_min']:.0f} fastest); best ({best['backend']}, "
-        f"{best['decode']} decode) {best['ms']['method_total']:.0f} ms median "
-        f"({best['ms_min']['method_total']:.0f} fastest): "
+        f"({target['baseline_ms_min']:.0f} fastest); the worker now "
+        f"{target['worker_ms_median']:.0f} ms median ({target['worker_ms_min']:.0f} fastest): "
         f"{'met' if met else '**missed**'} on the median, "
-        f"{'met' if fastest_met else '**missed**'} on the fastest run.",
+        f"{'met' if fastest_met else '**missed**'} on the fastest run. ONNX export at first "
+        f"use {result['onnx_export_first_use_s']} s, later loads from the cache "
+        f"{result['onnx_load_from_cache_s']} s.",
         "",
     ]
     networks = result.get("networks_interleaved")
@@ -196,50 +191,49 @@ def inference_section(result: Mapping[str, Any]) -> list[str]:
             f" ONNX Runtime {cls[1]['min_ms']:.0f} / {cls[1]['median_ms']:.0f}.",
             "",
         ]
-    classifier = result.get("classifier_batch_ms") or {}
-    if classifier:
+    batching = result.get("batching")
+    if batching:
         lines += [
-            "Classifier alone, one batch: "
-            + ", ".join(f"{k.replace('_', ' ')} {v:.0f} ms" for k, v in classifier.items())
-            + ".",
+            f"Batching on this CPU (worker variant, {batching['photos']} {batching['size']} "
+            "photos, taking turns), ms per photo fastest / median: one `analyse_batch` of 4 "
+            f"{batching['batch_4']['min_ms']:.0f} / {batching['batch_4']['median_ms']:.0f}, "
+            f"four `analyse` calls {batching['batch_1']['min_ms']:.0f} / "
+            f"{batching['batch_1']['median_ms']:.0f}.",
             "",
         ]
     check_rows = []
     for size, check in result["checks"].items():
         net = check["onnxruntime_vs_eager_networks"]
-        method = check["onnxruntime_vs_eager_method_full_decode"]
-        reduced = check["reduced_vs_full_decode_eager"]
-        traced = check.get("traced_python_numpy_peak_mib") or {"full": None, "reduced": None}
+        onnx, worker = check["onnx_vs_old"], check["worker_vs_old"]
         check_rows.append(
             [
                 size,
                 f"{net['segmentation_logit_max_abs_diff']:.2g} (logit std "
-                f"{net['segmentation_logit_std']:.2g})",
+                f"{net['segmentation_logit_std']:.2g}) / "
                 f"{net['classifier_logit_max_abs_diff']:.2g}",
-                f"{net['segmentation_label_agreement']:.4f}",
-                "yes" if net["within_tolerance"] else "**no**",
-                f"{method['label_agreement']:.4f} / {method['probability_max_abs_diff']:.2g}",
-                f"{reduced['label_agreement']:.4f} / {reduced['probability_max_abs_diff']:.2g}"
-                f" / {'same' if reduced['same_finding'] else 'other'} finding",
-                f"{_fmt(traced['full'], 0)} / {_fmt(traced['reduced'], 0)}",
+                *[
+                    f"{c['label_agreement']:.4f} / {c['probability_max_abs_diff']:.2g} / "
+                    f"{'same' if c['same_finding'] else 'other'} finding: "
+                    f"{'yes' if c['within_tolerance'] else '**no**'}"
+                    for c in (onnx, worker)
+                ],
             ]
         )
     tol = result["tolerances"]
     lines += [
-        f"Equality checks (tolerance: logits within {tol['logit_max_abs_diff']}, labels agreeing "
-        f"on at least {tol['label_agreement_min']:.1%} of pixels):",
+        "Equality against the old path (tolerances, docs/model-card.md: ONNX Runtime labels "
+        f"agreeing on at least {tol['onnx_label_agreement_min']:.2%} of pixels and "
+        f"probabilities within {tol['onnx_probability_max_abs_diff']:.0e}; the worker with its "
+        f"preview {tol['preview_label_agreement_min']:.1%} and "
+        f"{tol['preview_probability_max_abs_diff']}; the same finding):",
         "",
     ]
     lines += _table(
         [
             "size",
-            "ONNX vs eager: segmentation logits, max |diff|",
-            "classifier logits, max |diff|",
-            "segmentation labels agree",
-            "within tolerance",
-            "ONNX vs eager, whole method: labels agree / max |Δp|",
-            "reduced vs full decode: labels agree / max |Δp| / finding",
-            "Python+numpy traced peak MiB, full / reduced",
+            "networks: segmentation / classifier logits, largest difference",
+            "onnx vs old: labels agree / largest Δp / finding: within",
+            "worker vs old: labels agree / largest Δp / finding: within",
         ],
         check_rows,
     )
@@ -256,28 +250,26 @@ def inference_section(result: Mapping[str, Any]) -> list[str]:
             f"{'x'.join(map(str, compiled['input']))}: eager {compiled['eager_ms']:.0f} ms, "
             f"compiled {compiled['compiled_ms']:.0f} ms, compile and first call "
             f"{compiled['compile_and_first_call_s']:.0f} s, max |logit diff| "
-            f"{compiled['logit_max_abs_diff']:.2g}; {compiled['note']}. ONNX export of both "
-            f"networks took {result['onnx_export_s']} s.",
+            f"{compiled['logit_max_abs_diff']:.2g}; {compiled['note']}.",
             "",
         ]
     memory = result.get("worker_memory") or []
     if memory:
         lines += [
             "Peak resident memory of a worker-like process (fresh process per row: models "
-            "loaded, then the same photo twice; full-decode rows also build and write SEG, SR "
-            "and overlay, reduced rows stop at the findings):",
+            "loaded, ONNX files from the cache, then the same photo twice through the whole "
+            "path, results written):",
             "",
         ]
         lines += _table(
-            ["size", "decode", "networks", "models loaded, MiB", "peak, MiB", "method ms"],
+            ["size", "variant", "models loaded, MiB", "peak, MiB", "worker ms (2nd photo)"],
             [
                 [
                     m["size"],
-                    m["decode"],
-                    m["backend"],
+                    m["variant"],
                     f"{m['rss_models_loaded_mib']:.0f}",
                     f"{m['peak_rss_mib']:.0f}",
-                    f"{m['method_total_ms_second_photo']:.0f}",
+                    f"{m['worker_total_ms_second_photo']:.0f}",
                 ]
                 for m in memory
             ],

@@ -57,6 +57,7 @@ from dermpacs.jobs.store import (
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+    from dermpacs.imaging.decode import Photograph
     from dermpacs.inference.pipeline import Analyser
 
 logger = logging.getLogger(__name__)
@@ -281,6 +282,19 @@ def quarantine_failed_photo(
     return kept
 
 
+def read_for_analysis(source: Dataset, settings: Settings, analyser: Analyser) -> Photograph:
+    """Decode a received photo as the worker does: full resolution (crops, overlay, the SEG's
+    size) plus, where the codec can scale (8-bit colour JPEG), a reduced-scale preview of at
+    least the analysis long side, from which the segmentation input is made."""
+    from dermpacs.imaging.decode import read_photograph
+
+    return read_photograph(
+        source,
+        max_megapixels=settings.intake.max_megapixels,
+        preview_long_side=analyser.long_side,
+    )
+
+
 def build_job_results(
     job_id: int, spool_path: str, settings: Settings, analyser: Analyser, *, received: Any
 ) -> tuple[list[OutputRecord], str]:
@@ -288,15 +302,11 @@ def build_job_results(
 
     Returns the written objects and the finding.
     """
-    from dermpacs.imaging.decode import parse_dicom_file, read_photograph
+    from dermpacs.imaging.decode import parse_dicom_file
     from dermpacs.imaging.results import build_results
 
     source = parse_dicom_file(spool_path)
-    photo = read_photograph(
-        source,
-        max_megapixels=settings.intake.max_megapixels,
-        preview_long_side=analyser.long_side,
-    )
+    photo = read_for_analysis(source, settings, analyser)
     analysis = analyser.analyse(photo.rgb, preview=photo.preview)
     results = build_results(
         source,

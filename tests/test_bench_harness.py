@@ -68,14 +68,28 @@ def test_short_run_measures_every_part_and_writes_its_report(tmp_path: Path) -> 
             assert cell["photos_per_second_median"] > 0
 
     inference = parts["inference"]
-    variants = {(r["backend"], r["decode"]) for r in inference["rows"]}
-    assert variants == {(b, d) for b in ("eager", "onnxruntime") for d in ("full", "reduced")}
+    assert {r["variant"] for r in inference["rows"]} == {"old", "onnx", "worker"}
     for row in inference["rows"]:
-        for stage in ("decode", "segmentation", "mask", "crops", "classification"):
+        for stage in (
+            "decode",
+            "segmentation",
+            "mask",
+            "crops",
+            "classification",
+            "build_segmentation",
+            "build_report",
+            "build_overlay",
+            "write_fsync",
+        ):
             assert row["ms"][stage] > 0
         assert row["ms"]["method_total"] >= row["ms"]["segmentation"]
+        assert row["ms"]["worker_total"] >= row["ms"]["method_total"]
+        # the worker's segmentation input came from the codec's reduced decode
+        assert (row["preview_shape"] is not None) == (row["variant"] == "worker")
     for check in inference["checks"].values():
         assert check["onnxruntime_vs_eager_networks"]["within_tolerance"]
+        assert check["onnx_vs_old"]["within_tolerance"]
+        assert check["worker_vs_old"]["within_tolerance"]
 
     (run,) = parts["end_to_end"]["runs"]
     assert run["backlog"]["delivered"] == run["backlog"]["photos"]

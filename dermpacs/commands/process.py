@@ -78,18 +78,15 @@ class _Input:
     reason: str | None = None
 
 
-def _read(path: Path, settings: Settings, preview_long_side: int) -> _Input:
-    from dermpacs.imaging.decode import PhotographError, parse_dicom_file, read_photograph
+def _read(path: Path, settings: Settings, analyser: Analyser) -> _Input:
+    from dermpacs.imaging.decode import PhotographError, parse_dicom_file
     from dermpacs.inference.preprocessing import PhotoError, check_rgb
+    from dermpacs.processing import read_for_analysis
 
     item = _Input(path)
     try:
         item.source = parse_dicom_file(path)
-        photo = read_photograph(
-            item.source,
-            max_megapixels=settings.intake.max_megapixels,
-            preview_long_side=preview_long_side,
-        )
+        photo = read_for_analysis(item.source, settings, analyser)
         check_rgb(photo.rgb)  # refused here rather than failing the whole batch later
         item.photo = photo
     except PhotographError as exc:
@@ -219,8 +216,7 @@ def process_files(
     size = max(1, batch_size)
     while True:
         chunk = [
-            _read(path, settings, analyser.long_side)
-            for _, path in zip(range(size), files, strict=False)
+            _read(path, settings, analyser) for _, path in zip(range(size), files, strict=False)
         ]
         if not chunk:
             return
