@@ -180,10 +180,11 @@ def test_unknown_labels_are_refused(held_out, weights):
         evaluate(analyser, dataset, progress=False)
 
 
-def test_cli_prints_one_json_object(held_out, weights, capsys, monkeypatch):
+def test_cli_prints_one_json_object(held_out, weights, capsys, monkeypatch, tmp_path):
     from dermpacs.cli import main
 
     monkeypatch.setenv("DERMPACS__MODEL__LONG_SIDE", str(LONG_SIDE))
+    monkeypatch.setenv("DERMPACS__STORAGE__ROOT", str(tmp_path / "storage"))  # ONNX cache
     code = main(
         [
             "evaluate",
