@@ -80,9 +80,11 @@ class StepTimes:
 
 
 VARIANTS = {
-    "as-is": "the listener as it is",
-    "no-mark-queued": "what-if: the publisher does not commit 'queued' (upper bound of making "
-    "that commit cheaper)",
+    "as-is": "the listener as it is (as `dermpacs listen` runs it: publisher in a child process)",
+    "publisher-thread": "what-if: the publisher as a thread of the listener's process (as before "
+    "the publisher process); times its publish and 'queued' commit",
+    "no-mark-queued": "what-if: publisher thread that does not commit 'queued' (upper bound of "
+    "making that commit cheaper)",
     "synchronous-row": "what-if: the job row committed synchronously (SQLite synchronous=FULL), "
     "as before the spool became the write-ahead log",
 }
@@ -108,8 +110,15 @@ def profile_listener(
     from dermpacs.config import Settings
     from dermpacs.intake import listener as listener_module
     from dermpacs.intake.service import IntakeService
+    from dermpacs.jobs.publisher import PublisherProcess
     from dermpacs.processing import model_version
-    from workers.app import configure, publish_dispatch, publish_processing, redelivery_grace
+    from workers.app import (
+        configure,
+        processing_publisher,
+        publish_dispatch,
+        publish_processing,
+        redelivery_grace,
+    )
 
     quiet_libraries(False)
     root = Path(tempfile.mkdtemp(prefix="dermpacs-bench-listener-"))
@@ -133,6 +142,7 @@ def profile_listener(
     original_admit = listener_module.admit
     listener_module.admit = times.wrap("admit (header checks)", original_admit)  # type: ignore[assignment]
     try:
+        threaded = variant in ("publisher-thread", "no-mark-queued")
         service = IntakeService(
             settings,
             model_version=model_version(settings),
@@ -141,6 +151,7 @@ def profile_listener(
             ),
             publish_dispatch=publish_dispatch,
             queued_grace=redelivery_grace(settings),
+            publisher=None if threaded else PublisherProcess(settings, processing_publisher),
         )
         listener = service.listener
         store, spool = listener.store, listener.spool

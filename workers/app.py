@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,13 @@ def publish_processing(
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
     )
+
+
+def processing_publisher(settings: Settings) -> Callable[[int], None]:
+    """Configure the app in this process and return :func:`publish_processing`: what the
+    listener's publisher process (:class:`dermpacs.jobs.publisher.PublisherProcess`) calls."""
+    configure(settings)
+    return publish_processing
 
 
 def publish_dispatch(

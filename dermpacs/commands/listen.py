@@ -50,10 +50,12 @@ def quiet_libraries(verbose: bool) -> None:
 def start_intake(settings: Settings) -> Any:
     """Configure the queue and start the intake service; raises ConfigError."""
     from dermpacs.intake.service import IntakeService
+    from dermpacs.jobs.publisher import PublisherProcess
     from dermpacs.processing import model_version
     from workers.app import (
         broker_epoch,
         configure,
+        processing_publisher,
         publish_dispatch,
         publish_processing,
         redelivery_grace,
@@ -68,6 +70,9 @@ def start_intake(settings: Settings) -> Any:
         publish_dispatch=publish_dispatch,
         queued_grace=redelivery_grace(settings),
         broker_epoch=broker_epoch,
+        # Celery messages are built and sent in a child process, off the receiving threads'
+        # interpreter lock (docs/benchmarks.md).
+        publisher=PublisherProcess(settings, processing_publisher),
     )
     summary = service.start()
     log.info(

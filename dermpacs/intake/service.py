@@ -19,7 +19,7 @@ from dermpacs.intake.quarantine import Quarantine
 from dermpacs.intake.recovery import recover_spooled
 from dermpacs.intake.refusals import RefusalLog
 from dermpacs.intake.spool import Spool
-from dermpacs.jobs.publisher import PeriodicReconciler, Publisher
+from dermpacs.jobs.publisher import PeriodicReconciler, Publisher, PublisherProcess
 from dermpacs.jobs.reconcile import RequeueSummary, requeue_unfinished
 from dermpacs.jobs.store import JobStore
 
@@ -45,6 +45,10 @@ class IntakeService:
     broker_epoch
         Names the running broker instance (None while unreachable); a change means it
         restarted and may have lost its messages, and queued jobs are published again.
+    publisher
+        What publishes each received job (``dermpacs listen`` hands in a
+        :class:`PublisherProcess`); by default a :class:`Publisher` thread calling
+        ``publish_processing``.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class IntakeService:
         queued_grace: timedelta | None = None,
         store: JobStore | None = None,
         broker_epoch: Callable[[], str | None] | None = None,
+        publisher: Publisher | PublisherProcess | None = None,
     ) -> None:
         self.settings = settings
         self.publish_processing = publish_processing
@@ -69,7 +74,7 @@ class IntakeService:
             Path(settings.storage.root), max_bytes=settings.intake.quarantine_max_mb * 2**20
         )
         self.model_version = model_version
-        self.publisher = Publisher(self.store, publish_processing)
+        self.publisher = publisher or Publisher(self.store, publish_processing)
         self.refusals = RefusalLog(self.store.engine)
         self.priority_rules = PriorityRules.from_settings(settings.queues)
         self.listener = Listener(

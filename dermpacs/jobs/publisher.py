@@ -1,22 +1,34 @@
-"""Background threads that hand committed jobs to the queue.
+"""Background threads (and a process) that hand committed jobs to the queue.
 
 The listener answers a C-STORE once the job row is committed; publishing the task happens
 after, in :class:`Publisher`, so that a slow or absent broker never holds a sender up. A job
 whose publication fails stays ``received`` and :class:`PeriodicReconciler` publishes it
 later, so nothing is lost while the broker is down.
+
+:class:`PublisherProcess` runs a :class:`Publisher` in a child process: building and sending a
+Celery message costs about as much Python as taking the photo did, and in the listener's own
+process it competed with the receiving threads for the interpreter lock (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from dermpacs.jobs.reconcile import Publish, reconcile_stalled, republish_after_broker_loss
 from dermpacs.jobs.store import JobStore
+
+if TYPE_CHECKING:
+    from dermpacs.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +114,141 @@ class Publisher:
                 self._store.mark_queued(published, synchronous_commit=False)
             except Exception:  # state stays received: republished later, tasks are idempotent
                 logger.exception("could not mark %d job(s) queued", len(published))
+
+
+_JOB_ID = struct.Struct("<q")
+
+
+class PublisherProcess:
+    """A :class:`Publisher` in a child process, fed job ids through a pipe.
+
+    Same interface as :class:`Publisher` (``start``, ``submit``, ``stop``). The child opens
+    its own job store and gets its publish function from ``make_publish(settings)``, a
+    module-level function (the child is spawned, not forked from a threaded process). A
+    child that dies is started again on the next ``submit``; ids it had not published stay
+    ``received`` and the reconciler publishes them.
+
+    Parameters
+    ----------
+    settings
+        The configuration the child opens the job store and the broker with.
+    make_publish
+        Called once in the child: configures the broker and returns the function that puts
+        one processing task on it.
+    linger, batch
+        As for :class:`Publisher`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        make_publish: Callable[[Settings], Publish],
+        *,
+        linger: float = 0.05,
+        batch: int = 64,
+    ) -> None:
+        self._settings = settings
+        self._make_publish = make_publish
+        self._linger = linger
+        self._batch = batch
+        self._context = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._writer: Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return None if self._process is None else self._process.pid
+
+    def start(self) -> PublisherProcess:
+        with self._lock:
+            self._start_child()
+        return self
+
+    def _start_child(self) -> None:
+        reader, writer = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_publisher_child,
+            args=(
+                self._settings,
+                self._make_publish,
+                reader,
+                self._linger,
+                self._batch,
+                logging.getLogger().getEffectiveLevel(),
+            ),
+            name="dermpacs-publisher",
+            daemon=True,
+        )
+        process.start()
+        reader.close()  # the child's end; ours is the writer
+        self._process, self._writer = process, writer
+        logger.debug("publisher process %d started", process.pid)
+
+    def submit(self, job_id: int) -> None:
+        """Publish ``job_id`` soon (never blocks for long: the pipe holds thousands)."""
+        message = _JOB_ID.pack(job_id)
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    assert self._writer is not None, "start() the publisher first"
+                    self._writer.send_bytes(message)
+                    return
+                except OSError as exc:
+                    if attempt == 2:
+                        logger.error("publisher process unavailable (%s): job %d", exc, job_id)
+                        return
+                    logger.warning("publisher process gone (%s); starting another", exc)
+                    self._close_child(timeout=0)
+                    self._start_child()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Publish what was submitted, then stop the child."""
+        with self._lock:
+            self._close_child(timeout=timeout)
+
+    def _close_child(self, *, timeout: float) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(OSError):  # a dead child has nothing left to do
+                self._writer.send_bytes(_JOB_ID.pack(_STOP))
+            self._writer.close()
+            self._writer = None
+        if self._process is not None:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                logger.warning("publisher process %d did not stop; killed", self._process.pid)
+                self._process.kill()
+                self._process.join(5)
+            self._process = None
+
+
+def _publisher_child(
+    settings: Settings,
+    make_publish: Callable[[Settings], Publish],
+    reader: Connection,
+    linger: float,
+    batch: int,
+    log_level: int,
+) -> None:
+    """The child of :class:`PublisherProcess`: ids from the pipe into a :class:`Publisher`."""
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s[publisher]: %(message)s"
+    )
+    store = JobStore.from_settings(settings, actor="listener")
+    publisher = Publisher(store, make_publish(settings), linger=linger, batch=batch).start()
+    try:
+        while True:
+            try:
+                (job_id,) = _JOB_ID.unpack(reader.recv_bytes())
+            except EOFError:  # the listener is gone: publish what came, then stop
+                break
+            if job_id == _STOP:
+                break
+            publisher.submit(job_id)
+    finally:
+        publisher.stop()
+        store.dispose()
 
 
 class PeriodicReconciler:
