@@ -131,7 +131,7 @@ def listener(tmp_path):
         spool=Spool(tmp_path),
         store=store,
         model_version="fuzz",
-        on_recorded=lambda job_id: None,
+        on_recorded=lambda job_id, level: None,
         quarantine=Quarantine(tmp_path, max_bytes=2**24),
     )
     server.start()

@@ -37,7 +37,7 @@ class Harness:
             spool=self.spool,
             store=self.store,
             model_version=MODEL,
-            on_recorded=self.recorded.append,
+            on_recorded=lambda job_id, level: self.recorded.append(job_id),
         )
         self.listener.start()
 

@@ -49,7 +49,7 @@ class SecureHarness:
             spool=self.spool,
             store=self.store,
             model_version="security-test",
-            on_recorded=lambda job_id: None,
+            on_recorded=lambda job_id, level: None,
         )
         self.listener.start()
 

@@ -1,13 +1,15 @@
 """The Celery app, configured from the dermpacs settings.
 
-Queues, routes, time limits and the broker come from the configuration (``[broker]``,
-``[queues.*]``); messages are JSON and carry a job id only, and a worker refuses any other
-content type (a pickled message is never unpickled). Tasks are acknowledged late and
-rejected when their worker dies, so Redis redelivers them; a worker takes one message at a
-time. With ``broker.url`` empty the embedded broker (a SQLite file under ``storage.root``)
-is used, so that ``dermpacs serve`` needs no Redis. The Redis password comes from
-``broker.password_file`` (or the URL in the environment), TLS from a ``rediss://`` URL with
-the ``broker.tls_*`` files.
+Queues, routes, time limits, rate limits, priorities and the broker come from the
+configuration (``[broker]``, ``[queues]``); each message carries the broker priority of its
+job's level (chosen at intake), and workers apply the pauses and rate limits that admins
+recorded (:mod:`dermpacs.jobs.queue_control`) when they start. Messages are JSON and carry
+a job id only, and a worker refuses any other content type (a pickled message is never
+unpickled). Tasks are acknowledged late and rejected when their worker dies, so Redis
+redelivers them; a worker takes one message at a time. With ``broker.url`` empty the
+embedded broker (a SQLite file under ``storage.root``) is used, so that ``dermpacs serve``
+needs no Redis. The Redis password comes from ``broker.password_file`` (or the URL in the
+environment), TLS from a ``rediss://`` URL with the ``broker.tls_*`` files.
 
 Call :func:`configure` with the settings before using the app (the ``dermpacs`` commands do).
 """
@@ -179,9 +181,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # a few times per timeout, not once per 100 s as kombu does by default.
             "unacked_restore_interval": max(1, min(60, visibility // 4)),
             "unacked_restore_throttle": 1,
-            # Priorities (PS: kombu emulates them on Redis with one list per step, and a
-            # worker pops the lists in step order, so a LOWER number is served first): one
-            # step per configured level, so that no two levels share a list.
+            # kombu emulates priorities on Redis with one list per step; a worker's BRPOP
+            # names the lists step by step (the lowest step of every queue first), so a LOWER
+            # number is served first whatever queue_order_strategy says. One step per
+            # configured level, so that no two levels share a list. queue_order_strategy
+            # stays round robin: "priority" would let inference starve dispatch in a worker
+            # that takes both.
             "priority_steps": sorted(set(settings.queues.priorities.values())),
         }
         config["broker_use_ssl"] = broker_tls(settings)

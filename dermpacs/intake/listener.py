@@ -214,8 +214,8 @@ class Listener:
         The version of the models that will process the jobs: with the SOP Instance UID it
         makes the idempotency key.
     on_recorded
-        Called with the id of each job that needs a processing task (new, or a failed job
-        that was sent again). Must not block.
+        Called with the id and priority level of each job that needs a processing task (new,
+        or a failed job that was sent again). Must not block.
     sop_classes, transfer_syntaxes
         What is accepted; the photograph classes and syntaxes by default.
     quarantine
@@ -236,7 +236,7 @@ class Listener:
         spool: Spool,
         store: JobStore,
         model_version: str,
-        on_recorded: Callable[[int], None],
+        on_recorded: Callable[[int, str], None],
         sop_classes: Sequence[str] = PHOTO_SOP_CLASSES,
         transfer_syntaxes: Sequence[str] = ACCEPTED_TRANSFER_SYNTAXES,
         quarantine: Quarantine | None = None,
@@ -511,7 +511,7 @@ class Listener:
             )
             return _status(StoreStatus.SUCCESS)
         self.counters.stored += 1
-        self.on_recorded(outcome.job_id)
+        self.on_recorded(outcome.job_id, level)
         logger.info(
             "C-STORE from %s: SOP Instance %s -> job %d (%s, %s, %.1f ms)",
             caller,

@@ -36,7 +36,9 @@ class IntakeService:
     model_version
         Keys jobs with the SOP Instance UID (:func:`dermpacs.processing.model_version`).
     publish_processing, publish_dispatch
-        Put a task for a job id on the broker; may raise when it is down.
+        Put a task for a job id on the broker; may raise when it is down. A job the listener
+        just recorded is published as ``publish_processing(job_id, level=level)`` with the
+        priority level its rules chose; the other publications look the level up themselves.
     queued_grace
         Publish ``queued`` jobs again after this long (for a broker that does not redeliver);
         None trusts the broker.
@@ -56,7 +58,7 @@ class IntakeService:
         settings: Settings,
         *,
         model_version: str,
-        publish_processing: Callable[[int], None],
+        publish_processing: Callable[..., None],
         publish_dispatch: Callable[[int], None],
         queued_grace: timedelta | None = None,
         store: JobStore | None = None,

@@ -43,7 +43,9 @@ class Publisher:
     store
         Where published jobs are moved to ``queued``.
     publish
-        Puts one processing task for a job id on the broker; may raise.
+        Puts one processing task for a job id on the broker; may raise. Called as
+        ``publish(job_id, level=level)`` for a job submitted with its priority level (which
+        spares a job store read per job), else ``publish(job_id)``.
     batch
         Most job ids marked queued in one transaction.
     linger
@@ -54,10 +56,16 @@ class Publisher:
     """
 
     def __init__(
-        self, store: JobStore, publish: Publish, *, batch: int = 64, linger: float = 0.05
+        self,
+        store: JobStore,
+        publish: Callable[..., None],
+        *,
+        batch: int = 64,
+        linger: float = 0.05,
     ) -> None:
         self._store = store
         self._publish = publish
+        self._levels: dict[int, str] = {}
         self._batch = batch
         self._linger = linger
         self._pending: queue.Queue[int] = queue.Queue()
@@ -68,8 +76,10 @@ class Publisher:
         self._thread.start()
         return self
 
-    def submit(self, job_id: int) -> None:
-        """Publish ``job_id`` soon (never blocks)."""
+    def submit(self, job_id: int, level: str | None = None) -> None:
+        """Publish ``job_id`` soon, at priority ``level`` when given (never blocks)."""
+        if level is not None:
+            self._levels[job_id] = level
         self._pending.put(job_id)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -91,9 +101,14 @@ class Publisher:
                 stopping = True
                 ids = [i for i in ids if i != _STOP]
             published = []
+            levels = {job_id: self._levels.pop(job_id, None) for job_id in ids}
             for job_id in ids:
                 try:
-                    self._publish(job_id)
+                    level = levels[job_id]
+                    if level is None:
+                        self._publish(job_id)
+                    else:
+                        self._publish(job_id, level=level)
                 except Exception as exc:
                     # The rest of the batch stays received too: the reconciler publishes them
                     # once the broker answers, and a down broker is not waited on per job.
