@@ -245,7 +245,7 @@ def publish_processing(
     )
 
 
-def processing_publisher(settings: Settings) -> Callable[[int], None]:
+def processing_publisher(settings: Settings) -> Callable[..., None]:
     """Configure the app in this process and return :func:`publish_processing`: what the
     listener's publisher process (:class:`dermpacs.jobs.publisher.PublisherProcess`) calls."""
     configure(settings)

@@ -149,7 +149,7 @@ class PublisherProcess:
         The configuration the child opens the job store and the broker with.
     make_publish
         Called once in the child: configures the broker and returns the function that puts
-        one processing task on it.
+        one processing task on it (called with ``level=`` for a job submitted with its level).
     linger, batch
         As for :class:`Publisher`.
     """
@@ -157,7 +157,7 @@ class PublisherProcess:
     def __init__(
         self,
         settings: Settings,
-        make_publish: Callable[[Settings], Publish],
+        make_publish: Callable[[Settings], Callable[..., None]],
         *,
         linger: float = 0.05,
         batch: int = 64,
@@ -201,9 +201,10 @@ class PublisherProcess:
         self._process, self._writer = process, writer
         logger.debug("publisher process %d started", process.pid)
 
-    def submit(self, job_id: int) -> None:
-        """Publish ``job_id`` soon (never blocks for long: the pipe holds thousands)."""
-        message = _JOB_ID.pack(job_id)
+    def submit(self, job_id: int, level: str | None = None) -> None:
+        """Publish ``job_id`` soon, at priority ``level`` when given (never blocks for long:
+        the pipe holds thousands)."""
+        message = _JOB_ID.pack(job_id) + (level or "").encode()
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -240,7 +241,7 @@ class PublisherProcess:
 
 def _publisher_child(
     settings: Settings,
-    make_publish: Callable[[Settings], Publish],
+    make_publish: Callable[[Settings], Callable[..., None]],
     reader: Connection,
     linger: float,
     batch: int,
@@ -255,12 +256,14 @@ def _publisher_child(
     try:
         while True:
             try:
-                (job_id,) = _JOB_ID.unpack(reader.recv_bytes())
+                message = reader.recv_bytes()
             except EOFError:  # the listener is gone: publish what came, then stop
                 break
+            (job_id,) = _JOB_ID.unpack_from(message)
             if job_id == _STOP:
                 break
-            publisher.submit(job_id)
+            # the job's priority level follows its id, when the listener gave one
+            publisher.submit(job_id, message[_JOB_ID.size :].decode() or None)
     finally:
         publisher.stop()
         store.dispose()
