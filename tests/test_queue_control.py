@@ -273,6 +273,10 @@ def test_queue_control_refuses_on_the_embedded_broker(tmp_path, plumbing_model, 
         )
         assert response.headers["location"] == "/?queue_notice=unavailable#queues"
         assert client.post("/queues/nope/pause", headers=basic(BOSS)).status_code == 404
+        # an action only from the page's own origin, as the retry button
+        cross = {**basic(BOSS), "Origin": "http://evil.example"}
+        assert client.post("/queues/inference/pause", headers=cross).status_code == 403
+        assert client.post("/queues/inference/pause", headers=basic(READER)).status_code == 403
 
 
 def test_an_unknown_queue_is_named(tmp_path, own_redis, plumbing_model, capsys):
