@@ -100,9 +100,13 @@ def test_refused_inputs_give_error_lines_and_status_1(
     junk = tmp_path / "notes.txt"
     junk.write_text("not DICOM")
     good = inputs["vlp-explicit-rgb"][0]
-    argv = ["process", str(ct), str(good), str(junk), str(tmp_path / "missing.dcm")]
+    jpeg = inputs["vlp-jpeg-baseline-ybr-422"][0]
+    argv = ["process", str(ct), str(good), str(junk), str(jpeg), str(tmp_path / "missing.dcm")]
+    # batches of three: refused inputs leave holes in a batch, the order stays the inputs'
     status, lines = _run(
-        argv + ["--out", str(tmp_path / "out"), "--json", "--config", str(config)], capsys
+        argv
+        + ["--out", str(tmp_path / "out"), "--json", "--config", str(config), "--batch-size", "3"],
+        capsys,
     )
     assert status == 1
     records = [json.loads(line) for line in lines]
@@ -110,12 +114,14 @@ def test_refused_inputs_give_error_lines_and_status_1(
         str(ct),
         str(good),
         str(junk),
+        str(jpeg),
         str(tmp_path / "missing.dcm"),
     ]
     assert "error" in records[0] and records[0]["reason"] == "not_a_photograph"
     assert "error" not in records[1] and records[1]["outputs"]
     assert "error" in records[2] and records[2]["reason"] == "unparseable"
-    assert "error" in records[3] and records[3]["reason"] == "unreadable"
+    assert "error" not in records[3] and records[3]["outputs"]
+    assert "error" in records[4] and records[4]["reason"] == "unreadable"
 
 
 def test_plain_output_and_whole_photo_fallback(

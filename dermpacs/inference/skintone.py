@@ -63,6 +63,14 @@ class SkinTone:
     pixel_count: int
 
 
+def _srgb_to_linear(values: np.ndarray) -> np.ndarray:
+    """The sRGB transfer function undone (IEC 61966-2-1), for values in 0..1."""
+    return np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
+
+
+_LINEAR_OF_UINT8 = _srgb_to_linear(np.arange(256, dtype=np.float64) / 255.0)
+
+
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """CIELAB (D65) of sRGB colours.
 
@@ -79,9 +87,16 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.shape[-1:] != (3,):
         raise SkinToneError(f"colours must have 3 channels in the last axis, got {rgb.shape}")
-    values = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
-    linear = np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ _SRGB_TO_XYZ.T / np.asarray(D65_WHITE)
+    if rgb.dtype == np.uint8:
+        linear = _LINEAR_OF_UINT8[rgb]  # the same formula, evaluated once per level
+    else:
+        linear = _srgb_to_linear(rgb.astype(np.float64))
+    # Written out rather than ``linear @ matrix.T``: BLAS on an (N, 3) x (3, 3) product costs
+    # several times more than these nine multiply-adds (60 against 16 ms for 150 000 pixels).
+    xyz = np.empty_like(linear)
+    for row, (matrix_row, white) in enumerate(zip(_SRGB_TO_XYZ, D65_WHITE, strict=True)):
+        red, green, blue = matrix_row / white
+        xyz[..., row] = red * linear[..., 0] + green * linear[..., 1] + blue * linear[..., 2]
     f = np.where(xyz > _DELTA**3, np.cbrt(xyz), xyz / (3 * _DELTA**2) + 4.0 / 29.0)
     lab = np.empty_like(f)
     lab[..., 0] = 116.0 * f[..., 1] - 16.0
