@@ -206,6 +206,16 @@ class PublisherProcess:
         the pipe holds thousands)."""
         message = _JOB_ID.pack(job_id) + (level or "").encode()
         with self._lock:
+            if self._process is not None and not self._process.is_alive():
+                # Found dead before writing: a pipe whose reading end some other process
+                # inherited would take the id without complaint, and nobody would read it.
+                logger.warning(
+                    "publisher process %d exited (%s); starting another",
+                    self._process.pid,
+                    self._process.exitcode,
+                )
+                self._close_child(timeout=0)
+                self._start_child()
             for attempt in (1, 2):
                 try:
                     assert self._writer is not None, "start() the publisher first"
