@@ -169,9 +169,10 @@ def shared_analyser(settings: Settings) -> Analyser:
         if analyser is None:
             analyser = Analyser.from_settings(settings)
             logger.info(
-                "models loaded: %s on %s (pid %d)",
+                "models loaded: %s on %s, %s runtime (pid %d)",
                 analyser.model_version,
                 analyser.device,
+                analyser.runtime,
                 os.getpid(),
             )
             _analysers[key] = analyser
