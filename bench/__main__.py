@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.cli import exit_on_sigterm
 from bench.services import REPO
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown part(s): {', '.join(unknown)}")
     limits = SHORT_TIME_LIMITS if args.short else TIME_LIMITS
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     started = time.time()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

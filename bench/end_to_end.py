@@ -26,7 +26,6 @@ For one and for two worker processes:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -41,22 +40,21 @@ from pathlib import Path
 from typing import Any
 
 from bench import inputs
+from bench.cli import exit_on_sigterm, write_result
 from bench.machine import machine_facts
 from bench.models import choose_model
 from bench.services import (
     LOOPBACK,
-    MAX_PDU,
     NODELAY,
     OrthancServer,
-    Process,
+    ServiceProcess,
     c_echo,
-    dcmtk,
     dermpacs_argv,
-    exit_on_sigterm,
     flush_redis,
     free_port,
     redis_available,
     redis_url,
+    storescu_argv,
     wait_until,
     write_toml,
 )
@@ -98,7 +96,7 @@ class Service:
         self.inference_processes = inference_processes
         self.model = model
         self.config = root / "dermpacs.toml"
-        self.processes: list[Process] = []
+        self.processes: list[ServiceProcess] = []
 
     def start(self) -> Service:
         self.orthanc.start()
@@ -134,10 +132,10 @@ class Service:
             },
         )
         env = {"PYTHONUNBUFFERED": "1"}
-        listener = Process(
+        listener = ServiceProcess(
             dermpacs_argv("listen", self.config), log_path=self.root / "listen.log", env=env
         )
-        inference = Process(
+        inference = ServiceProcess(
             dermpacs_argv(
                 "worker",
                 self.config,
@@ -151,7 +149,7 @@ class Service:
             log_path=self.root / "worker-inference.log",
             env=env,
         )
-        dispatch = Process(
+        dispatch = ServiceProcess(
             dermpacs_argv(
                 "worker",
                 self.config,
@@ -192,19 +190,12 @@ class Service:
 
     def send(self, path: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [
-                dcmtk("storescu"),
-                "-aec",
-                "DERMPACS",
-                "-aet",
-                "CAMERA",
-                "--max-pdu",
-                str(MAX_PDU),
-                "-xy",
-                LOOPBACK,
-                str(self.port),
-                str(path),
-            ],
+            storescu_argv(
+                self.port,
+                [path],
+                called_aet="DERMPACS",
+                options=inputs.storescu_syntax_options("camera"),
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, **NODELAY},
@@ -494,10 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["workers"] = tuple(int(w) for w in args.workers.split(","))
     plan = EndToEndPlan(**{**plan.__dict__, **changes})
     result = run_end_to_end(short=args.short, plan=plan)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    write_result(result, args.out)
     return 0
 
 

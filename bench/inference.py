@@ -41,9 +41,10 @@ from typing import Any
 import numpy as np
 
 from bench import inputs
+from bench.cli import exit_on_sigterm, write_result
 from bench.machine import machine_facts
 from bench.models import choose_model
-from bench.services import REPO, exit_on_sigterm
+from bench.services import REPO
 
 SIZES = ("1mp", "4mp", "12mp")
 METHOD_TARGET_SECONDS = 0.5  # issue 7: the whole method under 0.5 s per 12-MP photo
@@ -570,10 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_check=False if args.no_compile else None,
         rss=False if args.no_rss else None,
     )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    write_result(result, args.out)
     return 0
 
 

@@ -163,6 +163,14 @@ def input_file(kind: str, size_name: str) -> Path:
     raise ValueError(f"unknown input kind {kind!r}")
 
 
+def storescu_syntax_options(kind: str) -> list[str]:
+    """storescu's options to send a ``kind`` of input in its own transfer syntax.
+
+    storescu proposes uncompressed syntaxes unless told; ``-xy``: JPEG Baseline (FIELD-NOTES).
+    """
+    return ["-xy"] if kind == "camera" else []
+
+
 def unique_copies(
     template: Path, folder: Path, count: int, *, study_per_copy: bool = False
 ) -> list[Path]:

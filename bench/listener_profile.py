@@ -20,7 +20,6 @@ Run: ``python -m bench.listener_profile --kind native --size vga --photos 150``,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -35,17 +34,51 @@ from pathlib import Path
 from typing import Any
 
 from bench import inputs
+from bench.cli import exit_on_sigterm, write_result
 from bench.models import choose_model
 from bench.services import (
     LOOPBACK,
-    MAX_PDU,
     NODELAY,
-    dcmtk,
-    exit_on_sigterm,
     flush_redis,
     free_port,
     redis_url,
+    storescu_argv,
 )
+
+
+def send_with_storescu(
+    port: int, called_aet: str, kind: str, files: Sequence[Path], associations: int
+) -> tuple[list[int], float, float]:
+    """Send ``files`` from ``associations`` dcmtk ``storescu`` processes started together.
+
+    Returns their exit codes, the wall-clock seconds until the last one exited, and the CPU
+    seconds this process (the listener under test) spent meanwhile.
+    """
+    argvs = [
+        storescu_argv(
+            port,
+            files[i::associations],
+            called_aet=called_aet,
+            options=inputs.storescu_syntax_options(kind),
+        )
+        for i in range(associations)
+    ]
+    cpu_before = os.times()
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **NODELAY},
+        )
+        for argv in argvs
+    ]
+    codes = [s.wait(600) for s in senders]
+    wall = time.perf_counter() - started
+    cpu_after = os.times()
+    cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+    return codes, wall, cpu
 
 
 class StepTimes:
@@ -182,31 +215,13 @@ def profile_listener(
         template = inputs.input_file(kind, size)
         files = inputs.unique_copies(template, root / "send", photos)
         os.sync()
-        groups = [files[i::associations] for i in range(associations)]
-        argv = [dcmtk("storescu"), "-aec", "DERMPACS", "-aet", "CAMERA", "--max-pdu", str(MAX_PDU)]
-        if kind == "camera":
-            argv.append("-xy")
-        cpu_before = os.times()
-        started = time.perf_counter()
-        senders = [
-            subprocess.Popen(
-                [*argv, LOOPBACK, str(port), *map(str, group)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env={**os.environ, **NODELAY},
-            )
-            for group in groups
-        ]
-        codes = [s.wait(600) for s in senders]
-        wall = time.perf_counter() - started
-        cpu_after = os.times()
+        codes, wall, process_cpu = send_with_storescu(port, "DERMPACS", kind, files, associations)
         time.sleep(0.5)  # the publisher finishes the burst
         service.stop()
     finally:
         listener_module.admit = original_admit  # type: ignore[assignment]
         flush_redis()
         shutil.rmtree(root, ignore_errors=True)
-    process_cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
     steps = times.summary()
     handler = steps.get("whole C-STORE handler", {}).get("total_s", 0.0)
     return {
@@ -285,28 +300,10 @@ def profile_bare_pynetdicom(
     try:
         files = inputs.unique_copies(inputs.input_file(kind, size), root / "send", photos)
         os.sync()
-        groups = [files[i::associations] for i in range(associations)]
-        argv = [dcmtk("storescu"), "-aec", "BARE", "-aet", "CAMERA", "--max-pdu", str(MAX_PDU)]
-        if kind == "camera":
-            argv.append("-xy")
-        cpu_before = os.times()
-        started = time.perf_counter()
-        senders = [
-            subprocess.Popen(
-                [*argv, LOOPBACK, str(port), *map(str, group)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env={**os.environ, **NODELAY},
-            )
-            for group in groups
-        ]
-        codes = [s.wait(600) for s in senders]
-        wall = time.perf_counter() - started
-        cpu_after = os.times()
+        codes, wall, cpu = send_with_storescu(port, "BARE", kind, files, associations)
     finally:
         server.shutdown()
         shutil.rmtree(root, ignore_errors=True)
-    cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
     return {
         "kind": kind,
         "size": size,
@@ -368,10 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{result['listener_process_cpu_s'] * 1000 / args.photos:5.1f} ms/photo",
                 file=sys.stderr,
             )
-    text = json.dumps(results, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    write_result(results, args.out)
     return 0
 
 

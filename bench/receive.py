@@ -23,7 +23,6 @@ all three alike; the median of the repetitions is reported with the spread.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -37,21 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from bench import inputs
+from bench.cli import exit_on_sigterm, write_result
 from bench.machine import machine_facts
 from bench.models import choose_model
 from bench.services import (
-    LOOPBACK,
-    MAX_PDU,
     NODELAY,
     DermpacsListener,
     OrthancServer,
     Receiver,
     StoreSCP,
-    dcmtk,
-    exit_on_sigterm,
     flush_redis,
     redis_available,
     redis_url,
+    storescu_argv,
     wait_until,
 )
 
@@ -77,11 +74,6 @@ class Burst:
             f"{self.associations} association{'s' if self.associations > 1 else ''}"
         )
 
-    @property
-    def syntax_option(self) -> list[str]:
-        # storescu proposes uncompressed syntaxes unless told; -xy: JPEG Baseline (FIELD-NOTES).
-        return ["-xy"] if self.kind == "camera" else []
-
 
 def default_bursts(*, short: bool) -> list[Burst]:
     if short:
@@ -99,22 +91,6 @@ def default_bursts(*, short: bool) -> list[Burst]:
     ]
 
 
-def storescu_argv(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> list[str]:
-    return [
-        dcmtk("storescu"),
-        "-aec",
-        receiver.ae_title,
-        "-aet",
-        "CAMERA",
-        "--max-pdu",
-        str(MAX_PDU),
-        *burst.syntax_option,
-        LOOPBACK,
-        str(receiver.port),
-        *[str(f) for f in files],
-    ]
-
-
 def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> float:
     """Send ``files`` over ``burst.associations`` concurrent storescu processes; seconds taken.
 
@@ -129,7 +105,12 @@ def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> float
     started = time.perf_counter()
     senders = [
         subprocess.Popen(
-            storescu_argv(receiver, burst, group),
+            storescu_argv(
+                receiver.port,
+                group,
+                called_aet=receiver.ae_title,
+                options=inputs.storescu_syntax_options(burst.kind),
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -152,6 +133,7 @@ def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> float
         wait_until(
             lambda: receiver.stored_count() >= expected,
             timeout=30,
+            interval=0.05,
             what=f"{receiver.name} to hold {expected} objects",
         )
     except TimeoutError as exc:
@@ -314,10 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_receive(
         short=args.short, repeats=args.repeats, bursts=bursts, profile=args.profile
     )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    write_result(result, args.out)
     return 0
 
 
