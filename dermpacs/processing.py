@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dermpacs.config import ConfigError, Settings
+from dermpacs.durable import fsync_directory
 from dermpacs.inference.versioning import combined_model_version, weights_version
 from dermpacs.intake.quarantine import Quarantine, QuarantineRecord
 from dermpacs.jobs.lease import LeaseRenewal
@@ -188,14 +189,6 @@ def results_dir(settings: Settings, job_id: int) -> Path:
     return Path(settings.storage.root) / RESULTS_DIRNAME / str(job_id)
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_result_objects(objects: dict[str, Dataset], folder: Path) -> list[OutputRecord]:
     """Write each object durably to ``folder/<kind>.dcm`` (temporary file, fsync, rename)."""
     from pydicom import dcmwrite
@@ -222,7 +215,7 @@ def write_result_objects(objects: dict[str, Dataset], folder: Path) -> list[Outp
                 path=str(target),
             )
         )
-    _fsync_directory(folder)
+    fsync_directory(folder)
     return records
 
 

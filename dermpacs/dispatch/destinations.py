@@ -17,6 +17,7 @@ from typing import Protocol
 
 from dermpacs.config import Destination, DispatchSettings
 from dermpacs.dispatch.scu import PeerAddress, SenderTimeouts, TlsClient, send_instances
+from dermpacs.durable import fsync_directory
 from dermpacs.jobs.models import ResultKind
 
 
@@ -73,14 +74,6 @@ class DicomDestination:
         return outcomes
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FolderDestination:
     """A folder: ``<folder>/<StudyInstanceUID>/<kind>-<SOPInstanceUID>.dcm``.
 
@@ -109,7 +102,7 @@ class FolderDestination:
                     copy.flush()
                     os.fsync(copy.fileno())
                 os.replace(partial, target)
-                _fsync_directory(target.parent)
+                fsync_directory(target.parent)
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     partial.unlink()

@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dermpacs.durable import fsync_directory
+
 logger = logging.getLogger(__name__)
 
 QUARANTINE_DIRNAME = "quarantine"
@@ -53,14 +55,6 @@ class QuarantineRecord:
         if self.status is not None:
             data["status_hex"] = f"0x{self.status:04X}"
         return data
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Quarantine:
@@ -149,7 +143,7 @@ class Quarantine:
                     os.fsync(handle.fileno())
                 os.replace(partial, target)
                 self._write_reason(target, record, data)
-                _fsync_directory(day)
+                fsync_directory(day)
             finally:
                 with contextlib.suppress(OSError):
                     partial.unlink()
@@ -188,7 +182,7 @@ class Quarantine:
             with open(target, "rb") as handle:
                 data = handle.read()
             self._write_reason(target, record, data)
-            _fsync_directory(day)
+            fsync_directory(day)
         except OSError as exc:
             self._release(size)
             logger.warning("could not quarantine %s: %s", source.name, exc.strerror or exc)

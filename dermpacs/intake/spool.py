@@ -14,6 +14,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from dermpacs.durable import fsync_directory
+
 SPOOL_DIRNAME = "spool"
 _INCOMING = ".incoming"
 
@@ -32,14 +34,6 @@ class SpoolFullError(SpoolError):
         )
         self.free_bytes = free_bytes
         self.min_free_bytes = min_free_bytes
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -75,7 +69,7 @@ class Spool:
             created = not day.exists()
             day.mkdir(parents=True, exist_ok=True)
             if created:
-                _fsync_directory(self.root)  # the new folder's own entry
+                fsync_directory(self.root)  # the new folder's own entry
             self._known_dirs.add(day)
         return day
 
@@ -106,7 +100,7 @@ class Spool:
             day = self._day_dir()
             final = day / f"{sop_instance_uid}.{token}.dcm"
             os.replace(partial, final)
-            _fsync_directory(day)
+            fsync_directory(day)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 partial.unlink()
