@@ -547,6 +547,50 @@ def _fit(
     return epoch, history
 
 
+def _fit_and_save(
+    options: TrainingOptions,
+    model: nn.Module,
+    device: torch.device,
+    n_train: int,
+    train_step: Callable[[torch.Tensor, int], torch.Tensor],
+    validate: Callable[[], dict[str, float]],
+    reseed: Callable[[int], None],
+    *,
+    metadata: Callable[[int, list[dict[str, float]]], Any],
+    started: float,
+) -> TrainingResult:
+    """:func:`_fit`, writing the weights (with ``metadata(epoch, history)``) to ``options.out``
+    and the resume checkpoint next to them after every epoch; ``started``: when the run began
+    (``time.perf_counter()``)."""
+    from dermpacs.inference.weights import read_metadata, save_weights
+
+    weights_path = Path(options.out)
+    checkpoint = resume_path(weights_path)
+
+    def save(
+        epoch: int,
+        history: list[dict[str, float]],
+        planned: int,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        save_weights(model, weights_path, metadata(epoch, history))
+        save_resume_state(
+            checkpoint,
+            model,
+            optimizer,
+            epoch=epoch,
+            planned_epochs=planned,
+            history=history,
+            options=options,
+        )
+
+    epochs, history = _fit(options, model, device, n_train, train_step, validate, save, reseed)
+    seconds = time.perf_counter() - started
+    return TrainingResult(
+        weights_path, checkpoint, epochs, seconds, history, read_metadata(weights_path)
+    )
+
+
 def _metadata(
     options: TrainingOptions,
     kind: str,
@@ -618,7 +662,6 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
         DEFAULT_MEAN,
         DEFAULT_STD,
         SEGMENTATION_CLASSES,
-        save_weights,
     )
 
     if options.long_side % 32:
@@ -722,16 +765,8 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
         skin, lesion = (float(v) for v in metric.aggregate())
         return {"val_skin_dice": round(skin, 4), "val_lesion_dice": round(lesion, 4)}
 
-    weights_path = Path(options.out)
-    checkpoint = resume_path(weights_path)
-
-    def save(
-        epoch: int,
-        history: list[dict[str, float]],
-        planned: int,
-        optimizer: torch.optim.Optimizer,
-    ) -> None:
-        metadata = _metadata(
+    def metadata(epoch: int, history: list[dict[str, float]]) -> Any:
+        return _metadata(
             options,
             "segmentation",
             SEGMENTATION_CLASSES,
@@ -744,25 +779,17 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
             device,
             extra,
         )
-        save_weights(model, weights_path, metadata)
-        save_resume_state(
-            checkpoint,
-            model,
-            optimizer,
-            epoch=epoch,
-            planned_epochs=planned,
-            history=history,
-            options=options,
-        )
 
-    epochs, history = _fit(
-        options, model, device, len(train_idx), train_step, validate, save, augment.reseed
-    )
-    seconds = time.perf_counter() - started
-    from dermpacs.inference.weights import read_metadata
-
-    return TrainingResult(
-        weights_path, checkpoint, epochs, seconds, history, read_metadata(weights_path)
+    return _fit_and_save(
+        options,
+        model,
+        device,
+        len(train_idx),
+        train_step,
+        validate,
+        augment.reseed,
+        metadata=metadata,
+        started=started,
     )
 
 
@@ -812,7 +839,7 @@ def train_classifier(options: TrainingOptions, crop_settings: CropSettings) -> T
     """
     from dermpacs.inference.networks import build_classifier
     from dermpacs.inference.preprocessing import to_crop_batch
-    from dermpacs.inference.weights import DEFAULT_MEAN, DEFAULT_STD, read_metadata, save_weights
+    from dermpacs.inference.weights import DEFAULT_MEAN, DEFAULT_STD
 
     device = resolve_device(options.device)
     _prepare_device(device)
@@ -897,16 +924,8 @@ def train_classifier(options: TrainingOptions, crop_settings: CropSettings) -> T
             "val_photo_accuracy": round(float(np.mean(photo_correct)), 4),
         }
 
-    weights_path = Path(options.out)
-    checkpoint = resume_path(weights_path)
-
-    def save(
-        epoch: int,
-        history: list[dict[str, float]],
-        planned: int,
-        optimizer: torch.optim.Optimizer,
-    ) -> None:
-        metadata = _metadata(
+    def metadata(epoch: int, history: list[dict[str, float]]) -> Any:
+        return _metadata(
             options,
             "classifier",
             classes,
@@ -918,21 +937,15 @@ def train_classifier(options: TrainingOptions, crop_settings: CropSettings) -> T
             len(train_idx),
             device,
         )
-        save_weights(model, weights_path, metadata)
-        save_resume_state(
-            checkpoint,
-            model,
-            optimizer,
-            epoch=epoch,
-            planned_epochs=planned,
-            history=history,
-            options=options,
-        )
 
-    epochs, history = _fit(
-        options, model, device, len(train_x), train_step, validate, save, augment.reseed
-    )
-    seconds = time.perf_counter() - started
-    return TrainingResult(
-        weights_path, checkpoint, epochs, seconds, history, read_metadata(weights_path)
+    return _fit_and_save(
+        options,
+        model,
+        device,
+        len(train_x),
+        train_step,
+        validate,
+        augment.reseed,
+        metadata=metadata,
+        started=started,
     )
