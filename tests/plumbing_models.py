@@ -8,6 +8,7 @@ what is reported agrees with the mask, never that the method is skilful.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,8 +36,10 @@ def plumbing_segmentation(constant_label: int | None) -> DeepLabV3Plus:
     return model.eval()
 
 
-def write_plumbing_models(folder: Path, constant_label: int | None) -> Settings:
-    """Save a plumbing segmentation network and classifier; settings that load them on CPU."""
+def write_plumbing_networks(folder: Path, constant_label: int | None = None) -> dict[str, Any]:
+    """Save a plumbing segmentation network and classifier into ``folder``; the ``[model]``
+    settings that load them on CPU."""
+    folder.mkdir(parents=True, exist_ok=True)
     seg_path = folder / f"seg-{constant_label}.safetensors"
     cls_path = folder / "cls.safetensors"
     save_weights(
@@ -62,15 +65,20 @@ def write_plumbing_models(folder: Path, constant_label: int | None) -> Settings:
             provenance=PROVENANCE,
         ),
     )
+    return {
+        "segmentation_weights": str(seg_path),
+        "classifier_weights": str(cls_path),
+        "device": "cpu",
+        "long_side": LONG_SIDE,
+        "classes": CLASSES,
+    }
+
+
+def write_plumbing_models(folder: Path, constant_label: int | None) -> Settings:
+    """Save a plumbing segmentation network and classifier; settings that load them on CPU."""
     return Settings.model_validate(
         {
             "storage": {"root": str(folder / "storage")},  # the ONNX export cache goes there
-            "model": {
-                "segmentation_weights": str(seg_path),
-                "classifier_weights": str(cls_path),
-                "device": "cpu",
-                "long_side": LONG_SIDE,
-                "classes": CLASSES,
-            },
+            "model": write_plumbing_networks(folder, constant_label),
         }
     )

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from tests.loopback import (
     LOOPBACK,
     NODELAY,
-    REPO,  # noqa: F401
+    REPO,
     Orthanc,  # noqa: F401
     ServiceProcess,
     c_echo,
@@ -126,58 +126,16 @@ def delete_redis_keys(pattern: str) -> int:
 # Models for plumbing tests
 
 
-PLUMBING_LONG_SIDE = 128
-PLUMBING_CROP_SIZE = 32
-
-
-def write_plumbing_weights(folder: Path, *, seed: int = 0) -> dict[str, Any]:
+def write_plumbing_weights(folder: Path) -> dict[str, Any]:
     """Write small randomly initialised networks; return the ``[model]`` settings for them.
 
     These weights are NOT trained: they exist so that service tests can run photos through
     every stage (decode, segment, crop, classify, SEG/SR/overlay, dispatch) before, or
     independently of, the reference weights. Their findings mean nothing.
     """
-    import torch
+    from tests.plumbing_models import write_plumbing_networks
 
-    from dermpacs.config import ModelSettings
-    from dermpacs.inference.networks import DeepLabV3Plus, build_classifier
-    from dermpacs.inference.weights import SEGMENTATION_CLASSES, WeightsMetadata, save_weights
-
-    classes = list(ModelSettings().classes)
-    folder.mkdir(parents=True, exist_ok=True)
-    provenance = {"data": "none: random initialisation for plumbing tests", "seed": seed}
-    torch.manual_seed(seed)
-    segmentation = DeepLabV3Plus(aspp_channels=16, decoder_channels=16, low_level_channels=8)
-    save_weights(
-        segmentation.eval(),
-        folder / "segmentation.safetensors",
-        WeightsMetadata(
-            kind="segmentation",
-            classes=SEGMENTATION_CLASSES,
-            input_size=PLUMBING_LONG_SIDE,
-            version="0.0.0-plumbing",
-            provenance=provenance,
-        ),
-    )
-    torch.manual_seed(seed + 1)
-    save_weights(
-        build_classifier(len(classes), widths=(8, 8, 16, 16)).eval(),
-        folder / "classifier.safetensors",
-        WeightsMetadata(
-            kind="classifier",
-            classes=tuple(classes),
-            input_size=PLUMBING_CROP_SIZE,
-            version="0.0.0-plumbing",
-            provenance=provenance,
-        ),
-    )
-    return {
-        "segmentation_weights": str(folder / "segmentation.safetensors"),
-        "classifier_weights": str(folder / "classifier.safetensors"),
-        "device": "cpu",
-        "long_side": PLUMBING_LONG_SIDE,
-        "classes": classes,
-    }
+    return write_plumbing_networks(folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +493,19 @@ class BlackHole:
         for conn in self._held:
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+def jobs_command(config: Path, *args: str) -> Any:
+    """``dermpacs jobs --config CONFIG ARGS... --json`` as an admin runs it; its JSON answer."""
+    done = subprocess.run(
+        [*dermpacs_argv("jobs", config, *args), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
 
 
 def open_job_store(url: str) -> Any:

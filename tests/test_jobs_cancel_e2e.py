@@ -7,9 +7,6 @@ cancelled job without touching it, and delivers the other.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,16 +45,10 @@ def test_a_job_cancelled_while_queued_is_skipped_by_the_worker(
         cancelled, kept = by_uid[uids[0]], by_uid[uids[1]]
         assert own_redis.client().llen("inference") == 2  # both messages wait on the broker
 
-        command = [sys.executable, "-m", "dermpacs.cli", "jobs", "--config", str(stack.config)]
-        done = subprocess.run(
-            [*command, "cancel", str(cancelled), "--reason", "sent by mistake", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=services.REPO,
+        answer = services.jobs_command(
+            stack.config, "cancel", str(cancelled), "--reason", "sent by mistake"
         )
-        assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout) == [{"job_id": cancelled, "cancelled": True}]
+        assert answer == [{"job_id": cancelled, "cancelled": True}]
         assert own_redis.client().llen("inference") == 2  # a cancel does not touch the queue
 
         worker = stack.start_worker()
@@ -85,14 +76,8 @@ def test_a_job_cancelled_while_queued_is_skipped_by_the_worker(
         studies = {p.name for p in outbox.iterdir()}
         assert studies == {delivered.job.study_instance_uid}
 
-        listed = subprocess.run(
-            [*command, "list", "--state", "cancelled", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=services.REPO,
-        )
-        assert [j["id"] for j in json.loads(listed.stdout)] == [cancelled]
+        listed = services.jobs_command(stack.config, "list", "--state", "cancelled")
+        assert [j["id"] for j in listed] == [cancelled]
     finally:
         stack.stop()
         store.dispose()

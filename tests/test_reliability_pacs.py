@@ -12,10 +12,7 @@ archive's objects are sent, and the jobs are delivered.
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 import time
 from collections import defaultdict
 
@@ -35,18 +32,6 @@ RETRY_DELAY_MAX = 4.0
 _RETRY_LINE = re.compile(
     r"job (\d+): (seg|sr|overlay) to (\w+) failed \(attempt (\d+)\): .*; retry in ([0-9.]+) s"
 )
-
-
-def jobs_command(config, *args: str) -> list[dict]:
-    done = subprocess.run(
-        [sys.executable, "-m", "dermpacs.cli", "jobs", "--config", str(config), *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=services.REPO,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return list(json.loads(done.stdout))
 
 
 def retry_delays(log: str, destination: str) -> dict[int, list[tuple[int, float]]]:
@@ -161,7 +146,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_a_dead_destination_blocks_noth
             what="jobs failed after dispatch.give_up_after",
         )
         failed_after = time.monotonic() - sent
-        failed = jobs_command(stack.config, "list", "--state", "failed")
+        failed = services.jobs_command(stack.config, "list", "--state", "failed")
         assert len(failed) == PHOTOS + 1
         assert all("archive" in j["last_error"] for j in failed), failed
 
@@ -179,7 +164,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_a_dead_destination_blocks_noth
         archive_pacs = services.Orthanc(
             tmp_path / "archive", aet="ARCHIVE", dicom_port=archive.port
         ).start()
-        retried = jobs_command(stack.config, "retry", *[str(j["id"]) for j in failed])
+        retried = services.jobs_command(stack.config, "retry", *[str(j["id"]) for j in failed])
         assert all(r["retried"] and r["stage"] == "dispatch" for r in retried), retried
         stack.wait(
             lambda: store.counts_by_state()["delivered"] == PHOTOS + 1,

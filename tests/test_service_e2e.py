@@ -13,9 +13,6 @@ initialised ones (plumbing: the findings mean nothing, every stage still runs).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -75,29 +72,6 @@ def wait_for(probe, *, timeout: float, what: str, logs: list[services.ServicePro
         pytest.fail(f"timed out waiting for {what}\n{tails}")
 
 
-def jobs_json(config: Path) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dermpacs.cli",
-            "jobs",
-            "--config",
-            str(config),
-            "list",
-            "--json",
-            "--limit",
-            "1000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=services.REPO,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return list(json.loads(done.stdout))
-
-
 def assert_valid(dataset_path: Path | bytes) -> None:
     from io import BytesIO
 
@@ -142,7 +116,7 @@ def test_serve_with_embedded_defaults_writes_results_to_the_folder(tmp_path, mod
             ds = dcmread(path)
             assert ds.StudyInstanceUID == study
             assert_valid(path)
-        (job,) = jobs_json(config)
+        (job,) = services.jobs_command(config, "list", "--limit", "1000")
         assert job["state"] == "delivered"
     finally:
         code = serve.stop(timeout=60)
@@ -236,7 +210,7 @@ def test_a_photo_goes_through_redis_and_its_results_reach_orthanc_once(redis_ser
     assert again.returncode == 0, again.stderr
     time.sleep(3)
     assert len(results_in_study(orthanc, study)) == 3
-    jobs = jobs_json(redis_service["config"])
+    jobs = services.jobs_command(redis_service["config"], "list", "--limit", "1000")
     assert [j["state"] for j in jobs] == ["delivered"]
     assert "already taken" in redis_service["processes"][0].log()
 
@@ -249,5 +223,5 @@ def test_ten_photos_sent_at_once_all_arrive(redis_service, tmp_path):
     assert [s.returncode for s in sends] == [0] * 10, [s.stderr for s in sends if s.returncode]
     found = wait_for_results(redis_service, studies, timeout=400)
     assert sum(len(v) for v in found.values()) == 30
-    jobs = jobs_json(redis_service["config"])
+    jobs = services.jobs_command(redis_service["config"], "list", "--limit", "1000")
     assert len(jobs) == 10 and {j["state"] for j in jobs} == {"delivered"}
