@@ -1,8 +1,8 @@
 """Shared pytest fixtures: real services on loopback, started and stopped per test.
 
-The helpers live in ``tests/services.py``; fixtures here only wire them to pytest. A test that
-needs PostgreSQL or Redis is skipped with a reason when the service does not run on this
-machine (CI starts both).
+The helpers live in ``tests/services.py`` (on ``tests/loopback.py``, which the benchmarks
+share); fixtures here only wire them to pytest. A test that needs PostgreSQL or Redis is
+skipped with a reason when the service does not run on this machine (CI starts both).
 """
 
 from __future__ import annotations

@@ -478,10 +478,18 @@ def _fit(
     n_train: int,
     train_step: Callable[[torch.Tensor, int], torch.Tensor],
     validate: Callable[[], dict[str, float]],
-    save: Callable[[int, list[dict[str, float]], int, torch.optim.Optimizer], None],
     reseed: Callable[[int], None],
-) -> tuple[int, list[dict[str, float]]]:
-    """Epochs of shuffled batches with warm-up and cosine decay; validation and save per epoch."""
+    *,
+    metadata: Callable[[int, list[dict[str, float]]], Any],
+    run_started: float,
+) -> TrainingResult:
+    """Epochs of shuffled batches with warm-up and cosine decay, validated, then the weights
+    (with ``metadata(epoch, history)``) written to ``options.out`` and the resume checkpoint
+    next to them, after every epoch. ``run_started``: when the run began (perf_counter)."""
+    from dermpacs.inference.weights import read_metadata, save_weights
+
+    weights_path = Path(options.out)
+    checkpoint = resume_path(weights_path)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
     )
@@ -543,36 +551,6 @@ def _fit(
                     planned,
                 )
                 planned = max(fits, epoch)
-        save(epoch, history, planned, optimizer)
-    return epoch, history
-
-
-def _fit_and_save(
-    options: TrainingOptions,
-    model: nn.Module,
-    device: torch.device,
-    n_train: int,
-    train_step: Callable[[torch.Tensor, int], torch.Tensor],
-    validate: Callable[[], dict[str, float]],
-    reseed: Callable[[int], None],
-    *,
-    metadata: Callable[[int, list[dict[str, float]]], Any],
-    started: float,
-) -> TrainingResult:
-    """:func:`_fit`, writing the weights (with ``metadata(epoch, history)``) to ``options.out``
-    and the resume checkpoint next to them after every epoch; ``started``: when the run began
-    (``time.perf_counter()``)."""
-    from dermpacs.inference.weights import read_metadata, save_weights
-
-    weights_path = Path(options.out)
-    checkpoint = resume_path(weights_path)
-
-    def save(
-        epoch: int,
-        history: list[dict[str, float]],
-        planned: int,
-        optimizer: torch.optim.Optimizer,
-    ) -> None:
         save_weights(model, weights_path, metadata(epoch, history))
         save_resume_state(
             checkpoint,
@@ -583,11 +561,9 @@ def _fit_and_save(
             history=history,
             options=options,
         )
-
-    epochs, history = _fit(options, model, device, n_train, train_step, validate, save, reseed)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - run_started
     return TrainingResult(
-        weights_path, checkpoint, epochs, seconds, history, read_metadata(weights_path)
+        weights_path, checkpoint, epoch, seconds, history, read_metadata(weights_path)
     )
 
 
@@ -780,7 +756,7 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
             extra,
         )
 
-    return _fit_and_save(
+    return _fit(
         options,
         model,
         device,
@@ -789,7 +765,7 @@ def train_segmentation(options: TrainingOptions) -> TrainingResult:
         validate,
         augment.reseed,
         metadata=metadata,
-        started=started,
+        run_started=started,
     )
 
 
@@ -938,7 +914,7 @@ def train_classifier(options: TrainingOptions, crop_settings: CropSettings) -> T
             device,
         )
 
-    return _fit_and_save(
+    return _fit(
         options,
         model,
         device,
@@ -947,5 +923,5 @@ def train_classifier(options: TrainingOptions, crop_settings: CropSettings) -> T
         validate,
         augment.reseed,
         metadata=metadata,
-        started=started,
+        run_started=started,
     )
