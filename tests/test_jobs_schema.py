@@ -221,27 +221,27 @@ def _metadata_with(*extra: Column, index: str | None = None) -> MetaData:
 
 def test_missing_columns_and_indexes_are_added_with_their_server_default(old_store: JobStore):
     metadata = _metadata_with(
-        Column("priority", Integer, nullable=False, server_default=text("5")),
+        Column("rank", Integer, nullable=False, server_default=text("5")),
         Column("note", String(32), nullable=True),
-        index="ix_job_priority",
+        index="ix_job_rank",
     )
     report = upgrade_schema(old_store.engine, metadata)
-    assert {"job.priority", "job.note"} <= set(report.added_columns)
+    assert {"job.rank", "job.note"} <= set(report.added_columns)
     with old_store.engine.connect() as conn:
-        rows = conn.execute(text("SELECT id, priority, note FROM job ORDER BY id")).all()
+        rows = conn.execute(text("SELECT id, rank, note FROM job ORDER BY id")).all()
     assert [tuple(r) for r in rows] == [(1, 5, None), (2, 5, None)]
-    assert "ix_job_priority" in {i["name"] for i in inspect(old_store.engine).get_indexes("job")}
+    assert "ix_job_rank" in {i["name"] for i in inspect(old_store.engine).get_indexes("job")}
     # the old rows are still readable through the store
     assert old_store.get(1).job.state is JobState.QUEUED
     assert not upgrade_schema(old_store.engine, metadata).upgraded
 
 
 def test_a_column_that_cannot_be_filled_is_refused_and_nothing_changes(old_store: JobStore):
-    metadata = _metadata_with(Column("priority", Integer, nullable=False))
-    with pytest.raises(SchemaUpgradeError, match=r"job\.priority is NOT NULL without a server"):
+    metadata = _metadata_with(Column("rank", Integer, nullable=False))
+    with pytest.raises(SchemaUpgradeError, match=r"job\.rank is NOT NULL without a server"):
         upgrade_schema(old_store.engine, metadata)
     columns = {c["name"] for c in inspect(old_store.engine).get_columns("job")}
-    assert "priority" not in columns
+    assert "rank" not in columns
     # the transaction rolled back: the constraint is as old as before
     from sqlalchemy.exc import IntegrityError
 

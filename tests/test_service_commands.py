@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sqlite3
 
@@ -92,9 +93,9 @@ def test_jobs_list_show_and_retry(config, tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["state"] == JobState.QUEUED.value
     assert [(e["to_state"], e["actor"]) for e in shown["events"]][-2:] == [
-        ("received", "admin@cli"),
-        ("queued", "admin@cli"),
+        ("received", f"admin@cli:{getpass.getuser()}"),
+        ("queued", f"admin@cli:{getpass.getuser()}"),
     ]
     assert main(["jobs", "--config", str(config), "retry", str(job_id)]) == 1
-    assert "not failed" in capsys.readouterr().out
+    assert "only a failed or cancelled job can be retried" in capsys.readouterr().out
     assert main(["jobs", "--config", str(config), "show", "999"]) == 1
