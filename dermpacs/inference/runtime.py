@@ -106,6 +106,8 @@ class OrtNetwork(nn.Module):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # The CPU memory arena stays on: without it a 12-MP photo's worker peaked ~100 MiB
+        # lower (750 against 850 MiB) but segmentation took about 1.5 times as long here.
         # No spinning between runs: idle threads spinning after each forward pass would take
         # cores from the rest of the pipeline (decode, mask, result objects) and other work.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
