@@ -27,7 +27,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -488,28 +488,32 @@ class JobStore:
         now = utc_now()
         sessions = self._session if synchronous_commit else self._lazy_commit_session
         with sessions() as session:
-            job = Job(
-                idempotency_key=key,
-                study_instance_uid=instance.study_instance_uid,
-                series_instance_uid=instance.series_instance_uid,
-                sop_instance_uid=instance.sop_instance_uid,
-                sop_class_uid=instance.sop_class_uid,
-                transfer_syntax_uid=instance.transfer_syntax_uid,
-                calling_ae_title=instance.calling_ae_title,
-                spool_path=instance.spool_path,
-                priority=instance.priority,
-                model_version=model_version,
-                state=JobState.RECEIVED,
-                attempts=0,
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(job)
+            # Two Core INSERTs, not an ORM flush: this runs once per received photo, inside the
+            # C-STORE handler (about a third less CPU here, docs/benchmarks.md).
             try:
-                session.flush()
-                session.add(
-                    JobEvent(
-                        job_id=job.id,
+                job_id = session.execute(
+                    insert(Job)
+                    .values(
+                        idempotency_key=key,
+                        study_instance_uid=instance.study_instance_uid,
+                        series_instance_uid=instance.series_instance_uid,
+                        sop_instance_uid=instance.sop_instance_uid,
+                        sop_class_uid=instance.sop_class_uid,
+                        transfer_syntax_uid=instance.transfer_syntax_uid,
+                        calling_ae_title=instance.calling_ae_title,
+                        spool_path=instance.spool_path,
+                        priority=instance.priority,
+                        model_version=model_version,
+                        state=JobState.RECEIVED,
+                        attempts=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .returning(Job.id)
+                ).scalar_one()
+                session.execute(
+                    insert(JobEvent).values(
+                        job_id=job_id,
                         at=now,
                         from_state=None,
                         to_state=JobState.RECEIVED,
@@ -518,7 +522,7 @@ class JobStore:
                     )
                 )
                 session.commit()
-                return RecordOutcome(job.id, True, True, JobState.RECEIVED)
+                return RecordOutcome(job_id, True, True, JobState.RECEIVED)
             except IntegrityError:
                 session.rollback()
         with sessions() as session:
