@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dermpacs.commands.train", "train the segmentation network or the classifier"),
     "evaluate": ("dermpacs.commands.evaluate", "evaluate the models on an annotated set"),
     "jobs": ("dermpacs.commands.jobs", "list, show, retry and cancel jobs"),
-    "queues": ("dermpacs.commands.queues", "queue depths, oldest waits and consumers"),
+    "queues": ("dermpacs.commands.queues", "queue depths; pause, resume, rate-limit, resize"),
     "destinations": ("dermpacs.commands.destinations", "list destinations, test them (C-ECHO)"),
     "admin": ("dermpacs.commands.admin", "serve the admin web page, /metrics and health probes"),
 }
