@@ -25,12 +25,12 @@ a 12-megapixel camera photo takes about 0.15 s there against about 0.6 s through
 pylibjpeg-libjpeg and a numpy colour conversion (docs/benchmarks.md). A frame pillow does not
 read goes to pydicom's decoders as every other photo does, so the refusals stay the same.
 
-:func:`read_photograph_scaled` reads a photograph for analysis at 1/2, 1/4 or 1/8 of its size.
-A baseline or extended JPEG is then decoded by libjpeg's DCT scaling (pillow's ``draft``): only
-the low-frequency coefficients of each block are inverse transformed, so a 12-megapixel camera
-photo never exists at full size and decodes several times faster. Other encodings are decoded
-in full and reduced by averaging. The header checks and the refusals are those of
-:func:`read_photograph`.
+With ``preview_long_side``, :func:`read_photograph` also returns a preview of such a JPEG
+(:attr:`Photograph.preview`) at 1/2, 1/4 or 1/8 of its size, decoded by libjpeg's DCT scaling
+(pillow's ``draft``): only the low-frequency coefficients of each block are inverse
+transformed, which is cheaper and aliases less than resampling the full pixels. The worker
+makes its segmentation input from it. Other encodings get no preview; the header checks and
+the refusals are those of the full read.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ SUPPORTED_PHOTOMETRICS: Final = _COLOUR_PHOTOMETRICS | _GREY_PHOTOMETRICS | {_PA
 """Photometric Interpretations read as photographs (PS3.3 C.7.6.3.1.2)."""
 
 REDUCTIONS: Final = (8, 4, 2, 1)
-"""Size reductions :func:`read_photograph_scaled` chooses from: the scales at which libjpeg's
+"""Size reductions :func:`choose_reduction` chooses from (1: none): the scales at which libjpeg's
 DCT scaling decodes a JPEG without resampling (ISO 10918-1 blocks of 8 x 8 samples)."""
 # Transfer syntaxes whose 8-bit DCT codestreams libjpeg decodes at reduced scale (lossless JPEG
 # has no DCT; a 12-bit extended codestream is not read by pillow's 8-bit libjpeg).
@@ -282,66 +282,6 @@ def choose_reduction(rows: int, columns: int, target_long_side: int) -> int:
     return 1
 
 
-@dataclass(frozen=True, eq=False)
-class ScaledPhotograph:
-    """A photograph decoded at a reduced size for analysis, with the facts of its full size.
-
-    Attributes
-    ----------
-    rgb : numpy.ndarray
-        ``ceil(rows / reduction) x ceil(columns / reduction) x 3`` ``uint8``, C-contiguous,
-        read-only; the same colour handling as :attr:`Photograph.rgb`.
-    sop_class_uid, sop_instance_uid, study_instance_uid, series_instance_uid : str
-        The source's identifiers.
-    transfer_syntax_uid, photometric_interpretation : str
-        As received.
-    rows, columns : int
-        The source's full Rows and Columns: masks computed on ``rgb`` are mapped back to these
-        (:attr:`source_shape`) for the SEG, which must match the source image.
-    reduction : int
-        1, 2, 4 or 8: how many source pixels one pixel of ``rgb`` spans along each side.
-    dct_scaled : bool
-        True when the codec decoded the JPEG at the reduced scale (no full-size array was
-        made); False when the photo was decoded in full and then averaged down (or not reduced).
-    lossy_compression : bool
-        As :attr:`Photograph.lossy_compression`.
-    """
-
-    rgb: np.ndarray = field(repr=False)
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax_uid: str
-    photometric_interpretation: str
-    rows: int
-    columns: int
-    reduction: int
-    dct_scaled: bool
-    lossy_compression: bool = False
-
-    def __post_init__(self) -> None:
-        rgb = self.rgb
-        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
-            raise TypeError('Argument "rgb" must be a numpy.ndarray of dtype uint8.')
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f'Argument "reduction" must be one of {REDUCTIONS}.')
-        expected = (*reduced_shape(self.rows, self.columns, self.reduction), 3)
-        if rgb.shape != expected:
-            raise ValueError(
-                f'Argument "rgb" must have shape (ceil(rows / reduction), ceil(columns / '
-                f"reduction), 3) = {expected}, not {rgb.shape}."
-            )
-        view = np.ascontiguousarray(rgb).view()
-        view.flags.writeable = False
-        object.__setattr__(self, "rgb", view)
-
-    @property
-    def source_shape(self) -> tuple[int, int]:
-        """The source's ``(rows, columns)``, for mapping results back to full size."""
-        return self.rows, self.columns
-
-
 # --- reading ------------------------------------------------------------------------------
 
 
@@ -440,10 +380,12 @@ def read_photograph(
 
     With ``preview_long_side``, an 8-bit colour JPEG (Baseline or Extended) is also decoded at
     the smallest of 1/2, 1/4 and 1/8 scale whose long side is at least ``preview_long_side``
-    by libjpeg's DCT scaling (as :func:`read_photograph_scaled` does): the analysis input is
-    made from that small picture, which the codec gives more cheaply and with less aliasing
-    than resampling 12 megapixels, while crops and the overlay use the full pixels. Other
-    encodings, and photos too small to reduce, get no preview.
+    by libjpeg's DCT scaling (ISO 10918-1 A.3.3 inverse transform of the low-frequency
+    coefficients only): the analysis input is made from that small picture, which the codec
+    gives more cheaply and with less aliasing than resampling 12 megapixels, while crops and
+    the overlay use the full pixels. Other encodings, and photos too small to reduce, get no
+    preview. The header checks, the size limit (on the full size) and the refusals are the
+    same with or without a preview.
 
     Parameters
     ----------
@@ -465,6 +407,8 @@ def read_photograph(
     ------
     PhotographError
         For every object that is not one readable photograph; ``reason`` says why.
+    ValueError
+        ``preview_long_side`` is not a positive integer.
     """
     if preview_long_side is not None and (
         isinstance(preview_long_side, bool)
@@ -496,77 +440,6 @@ def read_photograph(
         columns=header.columns,
         lossy_compression=header.lossy_compression,
         preview=preview,
-    )
-
-
-def read_photograph_scaled(
-    dataset: Dataset,
-    *,
-    target_long_side: int,
-    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-) -> ScaledPhotograph:
-    """Read a photograph at the smallest of 1, 1/2, 1/4 and 1/8 of its size that keeps its long
-    side at least ``target_long_side``.
-
-    A JPEG Baseline or Extended (8-bit) photo in colour is decoded by libjpeg at the reduced
-    scale (DCT scaling, ISO 10918-1 A.3.3 inverse transform of the low-frequency coefficients):
-    at 1/4 of a 12-megapixel photo that is several times faster than a full decode and never
-    holds the full-size picture in memory. Colour follows the codestream, as in
-    :func:`read_photograph` (YCbCr of a JFIF or ``img2dcm`` file is converted once; an Adobe
-    RGB codestream is not). Every other encoding is decoded in full and averaged down over
-    ``reduction x reduction`` blocks (pillow's ``Image.reduce``), which gives the same shape.
-
-    Parameters
-    ----------
-    dataset : pydicom.dataset.Dataset
-        The received object, as for :func:`read_photograph`.
-    target_long_side : int
-        The smallest long side the result may have; a photo already smaller is read at full size.
-    max_megapixels : float
-        The largest Rows x Columns accepted, in millions of pixels.
-
-    Returns
-    -------
-    ScaledPhotograph
-        The reduced RGB pixels, the reduction and the source's full Rows and Columns.
-
-    Raises
-    ------
-    PhotographError
-        For every object :func:`read_photograph` refuses, with the same reason: the header is
-        checked by :func:`check_photograph` first, and a codestream the reduced decode cannot
-        read is handed to the full decoders, which refuse it or read it.
-    ValueError
-        ``target_long_side`` is not a positive integer.
-    """
-    if isinstance(target_long_side, bool) or not isinstance(target_long_side, int):
-        raise ValueError('Argument "target_long_side" must be a positive number of pixels.')
-    header = check_photograph(dataset, max_megapixels=max_megapixels)
-    reduction = choose_reduction(header.rows, header.columns, target_long_side)
-    rgb: np.ndarray | None = None
-    if _pillow_jpeg(header):
-        frame = _first_frame(_pixel_data_bytes(dataset), header)
-        rgb = _decode_jpeg_pillow(frame, header, reduction)
-    dct_scaled = rgb is not None and reduction > 1
-    if rgb is None:
-        rgb = _decode_rgb(dataset, header)
-        if reduction > 1:
-            # Box averaging over whole reduction x reduction blocks, like DCT scaling (whose
-            # 1/8 output is each block's mean); pillow rounds the size up the same way.
-            rgb = np.asarray(Image.fromarray(rgb).reduce(reduction))
-    return ScaledPhotograph(
-        rgb=rgb,
-        sop_class_uid=header.sop_class_uid,
-        sop_instance_uid=header.sop_instance_uid,
-        study_instance_uid=header.study_instance_uid,
-        series_instance_uid=header.series_instance_uid,
-        transfer_syntax_uid=header.transfer_syntax_uid,
-        photometric_interpretation=header.photometric_interpretation,
-        rows=header.rows,
-        columns=header.columns,
-        reduction=reduction,
-        dct_scaled=dct_scaled,
-        lossy_compression=header.lossy_compression,
     )
 
 
@@ -1474,12 +1347,10 @@ __all__ = [
     "PhotographHeader",
     "REDUCTIONS",
     "RefusalReason",
-    "ScaledPhotograph",
     "check_photograph",
     "choose_reduction",
     "parse_dicom_file",
     "read_photograph",
     "read_photograph_bytes",
-    "read_photograph_scaled",
     "reduced_shape",
 ]
