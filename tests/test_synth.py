@@ -230,3 +230,66 @@ def test_generation_speed():
         generate_photo(0, index)
     rate = 20 / (time.process_time() - started)
     assert rate > 8.0, f"{rate:.1f} photos/s"
+
+
+def _visible_skin(body: synth._Body) -> np.ndarray:
+    skin = body.coverage >= 0.5
+    for overlay in body.overlays:
+        skin &= overlay.alpha < 0.5
+    return skin
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_faces_have_eyes_brows_and_clothing_that_are_not_skin(seed):
+    """A head and shoulders: one skin region (face, ears, neck) with at least the two eyes as
+    holes in it; the shoulders' clothing and the hair are drawn but are not skin."""
+    from scipy import ndimage
+
+    h, w = 384, 288
+    body = synth._face(np.random.default_rng(seed), h, w)
+    assert body.region == "face"
+    skin = _visible_skin(body)
+    assert 0.03 < skin.mean() < 0.7
+    components, n = ndimage.label(skin)
+    sizes = np.bincount(components.ravel())[1:]
+    assert sizes.max() > 0.9 * skin.sum(), "face and neck are one piece of skin"
+    holes, n_holes = ndimage.label(~skin & ndimage.binary_fill_holes(skin))
+    assert n_holes >= 2, "the eyes are holes in the face's skin"
+    hidden = (body.coverage >= 0.5) & ~skin
+    drawn = np.zeros((h, w), bool)
+    for overlay in body.overlays:
+        drawn |= overlay.alpha >= 0.5
+    assert hidden.any() and (drawn & (body.coverage < 0.5)).any(), "clothing or hair off skin"
+    assert body.shade[skin].min() > 0.3 and body.shade.max() < 1.3
+    # the shading draws the features: the face is not one flat cylinder
+    face = skin & (np.arange(h)[:, None] < h * 0.7)
+    assert np.std(body.shade[face]) > 0.03
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hands_have_fingers(seed):
+    """A hand is a palm with thin fingers: an opening wider than a finger removes a good share
+    of its skin, where it would leave a plain limb almost whole."""
+    from scipy import ndimage
+
+    h, w = 384, 512
+    body = synth._hand(np.random.default_rng(seed), h, w)
+    assert body.region == "hand"
+    skin = body.coverage >= 0.5
+    assert skin.mean() > 0.02
+    # fingers are about a fifth of the palm's half-width (7..15 % of the short side) wide each
+    radius = int(0.025 * min(h, w)) + 2
+    disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    opened = ndimage.binary_opening(skin, structure=disk)
+    assert opened.sum() < 0.93 * skin.sum(), "thin fingers vanish in the opening"
+    assert opened.sum() > 0.2 * skin.sum(), "palm and forearm stay"
+
+
+def test_long_shots_show_faces_hands_and_outdoor_scenes():
+    photos = [generate_photo(5, i, long_side=160) for i in range(60)]
+    regions = {p.parameters["body_region"] for p in photos}
+    assert {"face", "hand"} <= regions
+    backgrounds = {p.parameters["background"] for p in photos}
+    assert backgrounds & set(synth.NEGATIVE_SCENES), "some people are photographed outdoors"
+    for p in photos:
+        assert (p.mask == SKIN).any() and (p.mask == LESION).any()

@@ -2,7 +2,8 @@
 
 The generator stands in for the non-standardized clinical photographs of the method (Yanagisawa
 et al., J Dermatol Sci 2023;109(1):30-36): long shots of a body region (arm, leg, hand, trunk,
-face) in a room, and close-ups where skin fills most of the frame. Every photo shows one disease:
+head and shoulders) in a room or outdoors, and close-ups where skin fills most of the frame.
+Every photo shows one disease:
 
 * atopic dermatitis: ill-defined erythematous patches with lichenified skin (a fine crosshatch of
   accentuated skin lines) and a few excoriations;
@@ -84,6 +85,11 @@ LABEL_COLUMNS: tuple[str, ...] = (
 )
 
 ITA_RANGE = (-60.0, 72.0)
+#: Body regions of a long shot, drawn uniformly (an arm twice as often; some arms end in a hand).
+LONG_SHOT_REGIONS: tuple[str, ...] = ("arm", "arm", "leg", "trunk", "face", "face", "hand")
+#: Share of long shots whose background is a negative scene (sky, leaves, fur, wood, cloth, a
+#: table with objects) rather than a room.
+OUTDOOR_SHARE = 0.35
 #: Least share of the frame a photo's lesions cover (of a quarter of it for small skin areas).
 MIN_LESION_FRACTION = 0.015
 
@@ -805,55 +811,206 @@ def _trunk(rng: np.random.Generator, h: int, w: int) -> _Body:
     return _Body(coverage, shade.astype(np.float32), overlays, "trunk")
 
 
-def _face(rng: np.random.Generator, h: int, w: int, skin_lab: np.ndarray) -> _Body:
-    """A face-like oval with a neck, hair, brows and eyes (not skin) and a collar."""
+_HAIR = [
+    (12, 1, 2),
+    (22, 4, 8),
+    (32, 8, 16),
+    (45, 12, 24),
+    (40, 24, 32),
+    (62, 4, 26),
+    (72, 3, 30),
+    (65, 0, 2),
+    (80, 0, 3),
+]
+
+
+def _gauss(d: np.ndarray | float, width: float) -> np.ndarray:
+    return np.exp(-((np.asarray(d, np.float32) / max(width, 1e-3)) ** 2))
+
+
+def _face(rng: np.random.Generator, h: int, w: int) -> _Body:
+    """A head and shoulders, near or far: an oval with ears, a neck and shaded features (eye
+    sockets, the ridge and tip of the nose, lips, chin), hair in one of several styles, eyes
+    and brows (not skin) and clothing over the shoulders (sometimes bare shoulders, skin)."""
     yy, xx = _grid(h, w)
-    cy, cx = h * rng.uniform(0.38, 0.52), w * rng.uniform(0.4, 0.6)
-    ry = h * rng.uniform(0.3, 0.42)
+    ry = h * rng.uniform(0.14, 0.42)
+    cy = rng.uniform(max(ry * 1.05, 0.2 * h), max(ry * 1.05, 0.55 * h))
+    cx = w * rng.uniform(0.3, 0.7)
     rx = ry * rng.uniform(0.68, 0.8)
-    r = np.hypot((yy - cy) / ry, (xx - cx) / rx)
+    turn = rx * rng.uniform(-0.25, 0.25)  # a three-quarter view moves the features sideways
+    fx = cx + turn
+    # the jaw narrows the lower half of the oval
+    jaw = np.where(yy > cy, 1.0 + 0.18 * np.clip((yy - cy) / ry, 0, 1), 1.0)
+    r = np.hypot((yy - cy) / ry, (xx - cx) * jaw / rx)
     inside = (1.0 - r) * rx
-    neck_w = rx * 0.55
-    neck = np.minimum(neck_w - np.abs(xx - cx), yy - cy)
-    inside = np.maximum(inside, neck)
-    coverage = _coverage(inside)
-    shade = _cylinder_shade(np.minimum(r, np.abs(xx - cx) / rx), rng.uniform(0.25, 0.4))
-    shade = np.where(r > 1.0, shade * 0.85, shade).astype(np.float32)  # the neck lies in shadow
-    overlays: list[_Overlay] = []
-    hair_lab = (rng.uniform(8, 35), rng.uniform(0, 10), rng.uniform(0, 20))
-    if rng.random() < 0.85:
-        hairline = cy - ry * rng.uniform(0.3, 0.6) + 0.06 * ry * _smooth_noise(rng, h, w, 20)
-        hair_r = np.hypot((yy - cy) / (ry * 1.12), (xx - cx) / (rx * 1.18))
-        alpha = _coverage(np.minimum(hairline - yy, (1.0 - hair_r) * rx))
-        overlays += _overlay(
-            alpha, lambda y, x: _textured_layer(rng, y.shape[0], x.shape[1], hair_lab, "wood")
-        )
     eye_y = cy - ry * rng.uniform(0.05, 0.15)
-    eye_dx, eye_rx, eye_ry = rx * 0.42, rx * 0.2, ry * 0.055
+    for side in (-1, 1):  # ears, half hidden behind the head when it turns
+        ear_x = cx + side * rx * (0.97 - 0.25 * side * turn / rx)
+        er = np.hypot((yy - eye_y - ry * 0.12) / (ry * 0.17), (xx - ear_x) / (rx * 0.13))
+        inside = np.maximum(inside, (1.0 - er) * rx * 0.13)
+    neck_w = rx * rng.uniform(0.5, 0.65)
+    neck = np.minimum(neck_w - np.abs(xx - cx - turn * 0.3), yy - cy)
+    inside = np.maximum(inside, neck)
+    shoulder_y = cy + ry * rng.uniform(1.3, 1.6)
+    shoulder_top = shoulder_y + 0.3 * np.maximum(np.abs(xx - cx) - neck_w, 0)
+    shoulders = np.minimum(yy - shoulder_top, rx * 2.8 - np.abs(xx - cx))
+    bare = rng.random() < 0.25
+    if bare:
+        inside = np.maximum(inside, shoulders)
+    coverage = _coverage(inside)
+
+    shade = _cylinder_shade(
+        np.clip(np.minimum(r, np.abs(xx - fx) / rx), 0, 1), rng.uniform(0.2, 0.4)
+    )
+    shade = np.where(r > 1.0, shade * 0.85, shade)  # the neck and ears lie in shadow
+    shade *= 1.0 - 0.25 * _gauss(yy - cy - ry * 1.02, ry * 0.06) * (r > 0.95)  # under the jaw
+    for side in (-1, 1):
+        ex = fx + side * rx * 0.42
+        shade *= 1.0 - 0.14 * _gauss(yy - eye_y, ry * 0.1) * _gauss(xx - ex, rx * 0.3)
+    nose_tip = cy + ry * rng.uniform(0.25, 0.35)
+    along_nose = (yy > eye_y) & (yy < nose_tip)
+    shade *= 1.0 + 0.07 * _gauss(xx - fx, rx * 0.07) * along_nose
+    lit = 1.0 if turn >= 0 else -1.0  # the nose shadows the far side
+    shade *= 1.0 - 0.18 * _gauss(xx - fx + lit * rx * 0.14, rx * 0.06) * _gauss(
+        yy - nose_tip + ry * 0.08, ry * 0.16
+    )
+    for nostril in (-1, 1):
+        shade *= 1.0 - 0.4 * _gauss(
+            np.hypot(yy - nose_tip - ry * 0.03, xx - fx - nostril * rx * 0.1), rx * 0.035
+        )
+    mouth_y = cy + ry * rng.uniform(0.5, 0.6)
+    lip = np.hypot((yy - mouth_y) / (ry * 0.07), (xx - fx) / (rx * 0.33))
+    lip_alpha = _coverage((1.0 - lip) * 3.0)
+    shade *= 1.0 - 0.14 * lip_alpha
+    shade *= 1.0 - 0.45 * _gauss(yy - mouth_y, ry * 0.012) * lip_alpha
+    shade *= 1.0 - 0.1 * _gauss(yy - cy - ry * 0.78, ry * 0.05) * _gauss(xx - fx, rx * 0.3)
+
+    overlays: list[_Overlay] = []
+    hair_lab = _jitter(rng, _HAIR[int(rng.integers(len(_HAIR)))], 0.6)
+    style = str(rng.choice(["none", "short", "short", "long", "long"]))
+    if style != "none":
+        hairline = cy - ry * rng.uniform(0.3, 0.6) + 0.06 * ry * _smooth_noise(rng, h, w, 20)
+        hair_r = np.hypot((yy - cy) / (ry * 1.12), (xx - cx) / (rx * 1.2))
+        hair = np.minimum(hairline - yy, (1.0 - hair_r) * rx)
+        if style == "long":  # falls beside the face over the ears, to the shoulders or beyond
+            length = cy + ry * rng.uniform(0.6, 2.2)
+            outer = rx * rng.uniform(1.2, 1.45) - np.abs(xx - cx)
+            inner = np.abs(xx - fx) - rx * rng.uniform(0.72, 0.85)
+            top = yy - cy + ry * 0.3  # the cap covers the head above
+            curtain = np.minimum(np.minimum(outer, inner), np.minimum(length - yy, top))
+            hair = np.maximum(hair, curtain)
+        alpha = _coverage(hair)
+        overlays += _overlay(
+            alpha,
+            lambda y, x: (
+                _textured_layer(rng, y.shape[0], x.shape[1], hair_lab, "wood")
+                * (1.0 + 0.15 * _smooth_noise(rng, y.shape[0], x.shape[1], 15))[..., None]
+            ),
+        )
+    eye_dx, eye_rx, eye_ry = rx * 0.42, rx * 0.2, ry * rng.uniform(0.04, 0.065)
     eyes = np.zeros((h, w), np.float32)
     brows = np.zeros((h, w), np.float32)
-    for side in (-1, 1):
-        ex = cx + side * eye_dx
+    for s in (-1, 1):
+        ex = fx + s * eye_dx
         er = np.hypot((yy - eye_y) / eye_ry, (xx - ex) / eye_rx)
         eyes = np.maximum(eyes, _coverage((1.0 - er) * eye_ry))
-        br = np.hypot((yy - eye_y + ry * 0.16) / (eye_ry * 0.6), (xx - ex) / (eye_rx * 1.2))
-        brows = np.maximum(brows, _coverage((1.0 - br) * eye_ry * 0.6))
+        br = np.hypot((yy - eye_y + ry * 0.16) / (ry * 0.035), (xx - ex) / (eye_rx * 1.25))
+        brows = np.maximum(brows, _coverage((1.0 - br) * ry * 0.035))
     iris = _rgb((rng.uniform(15, 45), 3, 10))
-    white = _rgb((88, 0, 3))
+    white = _rgb((85, 0, 3))
 
     def eye_layer(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        iris_alpha = _coverage(eye_ry * 0.95 - np.hypot(y - eye_y, np.abs(x - cx) - eye_dx))
+        iris_alpha = _coverage(eye_ry * 0.95 - np.hypot(y - eye_y, np.abs(x - fx) - eye_dx))
         return white + iris_alpha[..., None] * (iris - white)
 
     overlays += _overlay(eyes, eye_layer)
-    overlays += _overlay(brows, lambda y, x: _rgb(hair_lab)[None, None, :])
-    if rng.random() < 0.8:
-        collar = cy + ry * rng.uniform(1.25, 1.6) + 0.1 * np.abs(xx - cx)
-        overlays += _fabric_overlay(rng, _coverage(yy - collar))
-    # lips are skin (they are labelled skin), drawn as a darker, redder relief
-    lip = np.hypot((yy - cy - ry * 0.55) / (ry * 0.07), (xx - cx) / (rx * 0.35))
-    shade = shade * (1.0 - 0.12 * _coverage((1.0 - lip) * 3.0))
+    brow_lab = hair_lab if style != "none" else _jitter(rng, _HAIR[1], 0.6)
+    overlays += _overlay(brows, lambda y, x: _rgb(brow_lab)[None, None, :])
+    if rng.random() < 0.12:  # a beard over chin and jaw
+        beard = np.minimum((1.0 - r) * rx, yy - mouth_y - ry * 0.05 + 0.3 * np.abs(xx - fx))
+        overlays += _overlay(
+            _coverage(beard),
+            lambda y, x: _textured_layer(rng, y.shape[0], x.shape[1], hair_lab, "weave"),
+        )
+    # clothing: over the shoulders and up to a neckline
+    # clothing: over the shoulders and the neck below a round or V neckline
+    neckline = cy + ry * (rng.uniform(2.0, 2.6) if bare else rng.uniform(1.15, 1.5))
+    edge = yy - neckline + rng.uniform(0.0, 0.8) * np.abs(xx - cx)
+    clothing = np.minimum(shoulders, edge if bare else np.maximum(edge, -neck))
+    overlays += _fabric_overlay(rng, _coverage(clothing))
     return _Body(coverage, shade.astype(np.float32), overlays, "face")
+
+
+def _hand(rng: np.random.Generator, h: int, w: int) -> _Body:
+    """A hand with its wrist: palm, four fingers (spread, sometimes bent) and a thumb, creases
+    at the knuckles and lighter nails; the forearm leaves the frame, often in a sleeve."""
+    short = min(h, w)
+    yy, xx = _half_grid(h, w)
+    angle = rng.uniform(0, 2 * math.pi)
+    d = np.array([math.sin(angle), math.cos(angle)])  # towards the fingertips
+    n = np.array([-d[1], d[0]])
+    pw = rng.uniform(0.07, 0.15) * short  # half the palm's width
+    pl = pw * rng.uniform(1.0, 1.2)  # half its length
+    palm = np.array([h / 2, w / 2]) + rng.normal(0, 0.12, 2) * (h, w) - d * pl * 0.8
+    u = (yy - palm[0]) * d[0] + (xx - palm[1]) * d[1]
+    v = (yy - palm[0]) * n[0] + (xx - palm[1]) * n[1]
+    rp = (np.abs(u / pl) ** 3 + np.abs(v / pw) ** 3) ** (1 / 3)
+    inside = (1.0 - rp) * pw
+    ratio = np.clip(rp * 0.6, 0, 1)
+    span = math.hypot(h, w)
+    wrist = palm - d * pl * 0.8
+    arm_pts = np.stack([wrist, wrist - d * span * 0.6, wrist - d * span * 1.2])
+    arm_r, arm_along = _limb_distance(yy, xx, arm_pts, np.array([pw * 0.8, pw * 1.0, pw * 1.1]))
+    arm_inside = (1.0 - arm_r) * pw * 0.9
+    better = arm_inside > inside
+    ratio = np.where(better, arm_r, ratio)
+    inside = np.maximum(inside, arm_inside)
+    crease = np.zeros_like(inside)
+    nails = np.zeros_like(inside)
+    fw = pw * rng.uniform(0.19, 0.23)
+    spread = rng.uniform(0.0, 0.3)
+    curl = rng.uniform(0.0, 0.9) if rng.random() < 0.4 else rng.uniform(0.0, 0.2)
+    for k, offset in enumerate((0.72, 0.24, -0.24, -0.72)):
+        base = palm + d * pl * 0.85 + n * offset * pw
+        direction = d * math.cos(offset * spread) + n * math.sin(offset * spread)
+        normal = np.array([-direction[1], direction[0]])
+        length = pw * (1.1, 1.45, 1.35, 1.05)[k] * rng.uniform(0.9, 1.1)
+        mid = base + direction * length * 0.5
+        bent = direction * math.cos(curl) - normal * math.sin(curl) * 0.3
+        tip = mid + bent * length * 0.5
+        pts = np.stack([base, mid, tip])
+        fr, along = _limb_distance(yy, xx, pts, np.array([fw, fw * 0.95, fw * 0.82]))
+        f_inside = (1.0 - fr) * fw
+        better = f_inside > inside
+        ratio = np.where(better, fr, ratio)
+        inside = np.maximum(inside, f_inside)
+        t = along / length
+        for knuckle in (0.38, 0.72):
+            crease = np.maximum(crease, _gauss(t - knuckle, 0.025) * (fr < 1))
+        nails = np.maximum(nails, np.clip((t - 0.8) / 0.05, 0, 1) * (fr < 0.7))
+    thumb_side = float(rng.choice([-1.0, 1.0]))
+    t_base = palm - d * pl * 0.2 + n * thumb_side * pw * 0.8
+    t_dir = d * 0.55 + n * thumb_side * 0.85
+    t_dir /= np.linalg.norm(t_dir)
+    t_len = pw * rng.uniform(1.0, 1.3)
+    t_pts = np.stack([t_base, t_base + t_dir * t_len * 0.5, t_base + (t_dir + d) / 2 * t_len])
+    tr, _ = _limb_distance(yy, xx, t_pts, np.array([fw * 1.35, fw * 1.15, fw]))
+    t_inside = (1.0 - tr) * fw * 1.2
+    ratio = np.where(t_inside > inside, tr, ratio)
+    inside = np.maximum(inside, t_inside)
+    inside, ratio, crease, nails, arm_r, arm_along = (
+        _upsample(f, h, w) for f in (inside, ratio, crease, nails, arm_r, arm_along)
+    )
+    coverage = _coverage(inside)
+    shade = _cylinder_shade(np.clip(ratio, 0, 1), rng.uniform(0.25, 0.45))
+    shade *= 1.0 - 0.15 * crease
+    shade *= 1.0 + 0.1 * nails
+    overlays: list[_Overlay] = []
+    if rng.random() < 0.6:  # a sleeve over the forearm
+        cut = pl * rng.uniform(0.3, 2.5) + 3.0 * _smooth_noise(rng, h, w, 25)
+        sleeve = np.minimum(arm_along - cut, (1.3 - arm_r) * pw)
+        overlays += _fabric_overlay(rng, _coverage(sleeve))
+    return _Body(coverage, shade.astype(np.float32), overlays, "hand")
 
 
 def _closeup(rng: np.random.Generator, h: int, w: int) -> _Body:
@@ -1325,11 +1482,13 @@ def generate_photo(
         body = _closeup(rng, h, w)
     else:
         ppc = rng.uniform(13, 20) * scale
-        region = str(rng.choice(["arm", "arm", "leg", "trunk", "face"]))
+        region = str(rng.choice(LONG_SHOT_REGIONS))
         if region == "trunk":
             body = _trunk(rng, h, w)
         elif region == "face":
-            body = _face(rng, h, w, skin_lab)
+            body = _face(rng, h, w)
+        elif region == "hand":
+            body = _hand(rng, h, w)
         else:
             body = _limb(rng, h, w, region)
     overlays = list(body.overlays)
@@ -1363,6 +1522,10 @@ def generate_photo(
     if closeup:
         params["background"] = "closeup"
         photo = _background(rng, h, w, {}) if body.coverage.min() < 0.5 else surface.copy()
+    elif rng.random() < OUTDOOR_SHARE:
+        # people are also photographed outdoors, with pets, food and things that share skin's
+        # colours: the negatives' scenes behind the body
+        photo = _negative_scene(rng, h, w, params)
     else:
         photo = _background(rng, h, w, params)
     _blend(photo, body.coverage, surface)
