@@ -651,6 +651,10 @@ class _Body:
     shade: np.ndarray  # relief shading (h, w), about 0.55..1.05
     overlays: list[_Overlay]  # drawn over the skin, in order
     region: str
+    # skin that is redder than the rest without being a lesion (cheeks, lips), 0..1
+    flush: np.ndarray | None = None
+    # specular highlights of oily or moist skin (forehead, nose, cheekbones), 0..1
+    gloss: np.ndarray | None = None
 
 
 @dataclass
@@ -884,6 +888,20 @@ def _face(rng: np.random.Generator, h: int, w: int) -> _Body:
     shade *= 1.0 - 0.14 * lip_alpha
     shade *= 1.0 - 0.45 * _gauss(yy - mouth_y, ry * 0.012) * lip_alpha
     shade *= 1.0 - 0.1 * _gauss(yy - cy - ry * 0.78, ry * 0.05) * _gauss(xx - fx, rx * 0.3)
+    # flushed cheeks and red lips (skin, not lesion); highlights on forehead, nose, cheekbones
+    cheeks = sum(
+        _gauss(np.hypot(yy - eye_y - ry * 0.3, xx - fx - s * rx * 0.45), rx * 0.22) for s in (-1, 1)
+    )
+    flush = np.clip(rng.uniform(0.0, 0.5) * cheeks + rng.uniform(0.3, 0.8) * lip_alpha, 0, 1)
+    shine = rng.uniform(0.0, 0.45)
+    gloss = _gauss(np.hypot(yy - cy + ry * 0.5, (xx - fx) * 0.5), ry * 0.12)
+    gloss = gloss + _gauss(np.hypot(yy - nose_tip + ry * 0.05, xx - fx), rx * 0.07)
+    gloss = gloss + 0.6 * _gauss(yy - eye_y, ry * 0.3) * _gauss(xx - fx, rx * 0.06) * along_nose
+    for s in (-1, 1):
+        gloss = gloss + 0.7 * _gauss(
+            np.hypot(yy - eye_y - ry * 0.2, xx - fx - s * rx * 0.5), rx * 0.1
+        )
+    gloss = np.clip(shine * gloss, 0, 0.6).astype(np.float32)
 
     overlays: list[_Overlay] = []
     hair_lab = _jitter(rng, _HAIR[int(rng.integers(len(_HAIR)))], 0.6)
@@ -938,7 +956,9 @@ def _face(rng: np.random.Generator, h: int, w: int) -> _Body:
     edge = yy - neckline + rng.uniform(0.0, 0.8) * np.abs(xx - cx)
     clothing = np.minimum(shoulders, edge if bare else np.maximum(edge, -neck))
     overlays += _fabric_overlay(rng, _coverage(clothing))
-    return _Body(coverage, shade.astype(np.float32), overlays, "face")
+    return _Body(
+        coverage, shade.astype(np.float32), overlays, "face", flush.astype(np.float32), gloss
+    )
 
 
 def _hand(rng: np.random.Generator, h: int, w: int) -> _Body:
@@ -1374,6 +1394,11 @@ def _lighting(rng: np.random.Generator, image: np.ndarray, params: dict[str, Any
     warmth = rng.uniform(-0.12, 0.12)
     balance = np.array([1.0 + warmth, 1.0, 1.0 - warmth], np.float32)
     exposure = rng.uniform(0.75, 1.2)
+    if rng.random() < 0.6:
+        # metered like a camera's automatic exposure: the brightest parts of the frame come out
+        # near white (shading, light fall-off and shadows alone would keep light skin grey)
+        bright = float(np.percentile((image[::4, ::4].mean(axis=2) * light[::4, ::4]), 99))
+        exposure = float(np.clip(rng.uniform(0.85, 1.0) / max(bright, 1e-3), 0.6, 2.5))
     params.update(
         illumination_gradient=round(gradient, 3),
         shadow=round(shadow, 3),
@@ -1390,6 +1415,13 @@ def _camera(rng: np.random.Generator, image: np.ndarray, params: dict[str, Any])
     """Optics, sensor and encoder: defocus blur, noise, JPEG compression (8-bit levels in)."""
     blur = rng.uniform(0.3, 1.8) if rng.random() < 0.6 else 0.0
     noise = rng.uniform(0.5, 6.0)
+    # a camera renders colours more saturated and contrasted than a colorimeter measures them
+    saturation, contrast = rng.uniform(0.9, 1.4), rng.uniform(0.9, 1.25)
+    grey = image.mean(axis=2, keepdims=True)
+    image += (saturation - 1.0) * (image - grey)
+    image -= 127.5
+    image *= contrast
+    image += 127.5
     if blur > 0:
         image = ndimage.gaussian_filter(image, sigma=(blur, blur, 0), truncate=3.0)
     # sensor noise: the sum of two uniform bytes (triangular, close to normal) costs a tenth of
@@ -1507,6 +1539,8 @@ def generate_photo(
         ppc = rng.uniform(22, 40) * scale
 
     surface = _skin_image(rng, h, w, skin_lab, ppc)
+    if body.flush is not None:
+        _blend(surface, body.flush, _rgb(skin_lab + np.array([-6.0, 16.0, 3.0])))
     # A clinical photo is taken because of its lesion: keep drawing until it shows enough of it.
     paint = _LESION_PAINTERS[label]
     lesion_alpha, n_lesions = paint(rng, surface, skin, skin_lab, ppc)
@@ -1518,6 +1552,8 @@ def generate_photo(
         np.maximum(lesion_alpha, more, out=lesion_alpha)
         n_lesions += n_more
     surface *= body.shade[..., None]
+    if body.gloss is not None:
+        _blend(surface, body.gloss, np.array([0.97, 0.95, 0.92], np.float32))
 
     if closeup:
         params["background"] = "closeup"
