@@ -293,3 +293,29 @@ def test_long_shots_show_faces_hands_and_outdoor_scenes():
     assert backgrounds & set(synth.NEGATIVE_SCENES), "some people are photographed outdoors"
     for p in photos:
         assert (p.mask == SKIN).any() and (p.mask == LESION).any()
+
+
+def test_faces_have_flushed_lips_gloss_and_sometimes_teeth():
+    from scipy import ndimage
+
+    holes_seen = []
+    for seed in range(10):
+        body = synth._face(np.random.default_rng(seed), 320, 240)
+        assert body.flush is not None and body.gloss is not None
+        assert body.flush.max() > 0.2, "the lips are redder than the rest of the face"
+        assert body.gloss.min() >= 0.0 and body.gloss.max() <= 0.6
+        skin = _visible_skin(body)
+        _, n_holes = ndimage.label(~skin & ndimage.binary_fill_holes(skin))
+        holes_seen.append(n_holes)
+    assert max(holes_seen) >= 3, "a smile shows teeth (not skin) beside the two eyes"
+
+
+def test_metered_exposure_brings_the_brightest_parts_near_white():
+    """Most photos are metered: a dim scene comes out with its highlights near white, so light
+    skin is not kept grey by the shading and the light fall-off."""
+    metered = 0
+    for seed in range(20):
+        image = np.full((64, 96, 3), 0.45, np.float32)
+        out = synth._lighting(np.random.default_rng(seed), image, {})
+        metered += 0.7 * 255 < np.percentile(out.mean(axis=2), 99) < 1.15 * 255
+    assert metered >= 8, metered

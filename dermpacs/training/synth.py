@@ -944,6 +944,16 @@ def _face(rng: np.random.Generator, h: int, w: int) -> _Body:
     overlays += _overlay(eyes, eye_layer)
     brow_lab = hair_lab if style != "none" else _jitter(rng, _HAIR[1], 0.6)
     overlays += _overlay(brows, lambda y, x: _rgb(brow_lab)[None, None, :])
+    if rng.random() < 0.35:  # a smile shows the teeth (not skin) between the lips
+        smile = np.hypot((yy - mouth_y - ry * 0.01) / (ry * 0.035), (xx - fx) / (rx * 0.26))
+        teeth = _coverage((1.0 - smile) * ry * 0.035)
+        enamel = _rgb(_jitter(rng, (88, 0, 8), 0.5))
+
+        def teeth_layer(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+            gap = 1.0 - 0.6 * _gauss(y - mouth_y - ry * 0.01, ry * 0.006)
+            return enamel[None, None, :] * gap[..., None]
+
+        overlays += _overlay(teeth, teeth_layer)
     if rng.random() < 0.12:  # a beard over chin and jaw
         beard = np.minimum((1.0 - r) * rx, yy - mouth_y - ry * 0.05 + 0.3 * np.abs(xx - fx))
         overlays += _overlay(
