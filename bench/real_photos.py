@@ -47,6 +47,7 @@ WHAT = {
     "Minduka_Present_Blue_Pack.png": "object",
     "china.jpg": "scene",
     "flower.jpg": "plant",
+    "jetty-pic.png": "scene",  # a Jetty demo banner (sea and sky), passed as an extra photo
 }
 #: Boxes (x0, y0, x1, y1, source pixels) drawn by eye well inside the bare skin of the faces
 #: (astronaut: forehead to chin; Grace Hopper: below the glasses to the chin). Evaluation
