@@ -43,6 +43,9 @@ FT_BATCH=${FT_BATCH:-8}
 FT_LR=${FT_LR:-2e-4}
 FT_VERSION=${FT_VERSION:-0.2.0-synthetic}
 DEVICE=${DEVICE:-auto}
+REALISTIC=${REALISTIC:-0}          # 1: every set drawn with synth --realistic (docs/training.md)
+SYNTH_FLAGS=()
+[ "$REALISTIC" = 1 ] && SYNTH_FLAGS+=(--realistic)
 
 mkdir -p "$RESULTS" "$DATA"
 LOG="$RESULTS/train.log"
@@ -68,9 +71,9 @@ step() {
 dermpacs() { "$PYTHON" -m dermpacs.cli "$@"; }
 
 step "$LOG" synth-train dermpacs synth --out "$DATA/train" --count "$TRAIN_COUNT" \
-  --seed "$TRAIN_SEED" --size "$SIZE" --workers "$WORKERS" --no-progress
+  --seed "$TRAIN_SEED" --size "$SIZE" --workers "$WORKERS" --no-progress "${SYNTH_FLAGS[@]}"
 step "$LOG" synth-test dermpacs synth --out "$DATA/test" --count "$TEST_COUNT" \
-  --seed "$TEST_SEED" --size "$SIZE" --workers "$WORKERS" --no-progress
+  --seed "$TEST_SEED" --size "$SIZE" --workers "$WORKERS" --no-progress "${SYNTH_FLAGS[@]}"
 
 # The two networks train at the same time on the same GPU: neither keeps it busy alone.
 # CLASSIFIER_WEIGHTS=FILE reuses a classifier trained on the same set instead.
@@ -99,7 +102,7 @@ if [ "$FINE_TUNE" = 1 ]; then
   # skin; the regular photos beside them keep the lesions (docs/model-card.md)
   step "$LOG" synth-finetune dermpacs synth --out "$DATA/finetune" --count "$FT_COUNT" \
     --seed "$TRAIN_SEED" --size "$SIZE" --negatives "$FT_NEGATIVES" --workers "$WORKERS" \
-    --no-progress
+    --no-progress "${SYNTH_FLAGS[@]}"
   mv "$DATA/segmentation.safetensors" "$DATA/segmentation-base.safetensors"
   step "$LOG" finetune-segmentation dermpacs train segmentation --data "$DATA/finetune" \
     --out "$DATA/segmentation.safetensors" --init "$DATA/segmentation-base.safetensors" \

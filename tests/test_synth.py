@@ -285,14 +285,18 @@ def test_hands_have_fingers(seed):
     assert opened.sum() > 0.2 * skin.sum(), "palm and forearm stay"
 
 
-def test_long_shots_show_faces_hands_and_outdoor_scenes():
-    photos = [generate_photo(5, i, long_side=160) for i in range(60)]
+def test_realistic_long_shots_show_faces_hands_and_outdoor_scenes():
+    photos = [generate_photo(5, i, long_side=160, realistic=True) for i in range(60)]
     regions = {p.parameters["body_region"] for p in photos}
     assert {"face", "hand"} <= regions
     backgrounds = {p.parameters["background"] for p in photos}
     assert backgrounds & set(synth.NEGATIVE_SCENES), "some people are photographed outdoors"
     for p in photos:
         assert (p.mask == SKIN).any() and (p.mask == LESION).any()
+    # off, the photos of earlier versions: rooms only, and the same photo where nothing differs
+    plain = [generate_photo(5, i, long_side=160) for i in range(60)]
+    assert not {p.parameters["background"] for p in plain} & set(synth.NEGATIVE_SCENES)
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(photos, plain, strict=True))
 
 
 def test_faces_have_flushed_lips_gloss_and_sometimes_teeth():
@@ -316,6 +320,18 @@ def test_metered_exposure_brings_the_brightest_parts_near_white():
     metered = 0
     for seed in range(20):
         image = np.full((64, 96, 3), 0.45, np.float32)
-        out = synth._lighting(np.random.default_rng(seed), image, {})
+        out = synth._lighting(np.random.default_rng(seed), image.copy(), {}, metered=True)
         metered += 0.7 * 255 < np.percentile(out.mean(axis=2), 99) < 1.15 * 255
+        plain = synth._lighting(np.random.default_rng(seed), image, {})
+        assert np.percentile(plain.mean(axis=2), 99) < 0.7 * 255, "unmetered: as drawn"
     assert metered >= 8, metered
+
+
+def test_cli_realistic_writes_what_generate_photo_draws(tmp_path):
+    from dermpacs.cli import main
+
+    args = ["synth", "--out", str(tmp_path), "--count", "2", "--seed", "24", "--size", "96"]
+    assert main([*args, "--realistic", "--no-progress"]) == 0
+    for index in range(2):
+        written = np.asarray(Image.open(tmp_path / "images" / f"synth_24_{index:06d}.png"))
+        assert np.array_equal(written, generate_photo(24, index, 96, realistic=True).image)

@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="share of photos without skin (label 'none'; for segmentation training only)",
     )
+    parser.add_argument(
+        "--realistic",
+        action="store_true",
+        help="people as in ordinary photos: heads and shoulders, hands, outdoor scenes and a "
+        "camera model (docs/training.md); off, the photos of earlier versions",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -43,7 +49,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     started = time.perf_counter()
     try:
         rows = iter_write_synthetic_set(
-            args.out, args.count, args.seed, args.size, classes, workers, args.negatives
+            args.out,
+            args.count,
+            args.seed,
+            args.size,
+            classes,
+            workers,
+            args.negatives,
+            args.realistic,
         )
         for _ in tqdm(rows, total=args.count, unit="photo", disable=args.no_progress):
             pass

@@ -86,9 +86,19 @@ LABEL_COLUMNS: tuple[str, ...] = (
 
 ITA_RANGE = (-60.0, 72.0)
 #: Body regions of a long shot, drawn uniformly (an arm twice as often; some arms end in a hand).
-LONG_SHOT_REGIONS: tuple[str, ...] = ("arm", "arm", "leg", "trunk", "face", "face", "hand")
-#: Share of long shots whose background is a negative scene (sky, leaves, fur, wood, cloth, a
-#: table with objects) rather than a room.
+LONG_SHOT_REGIONS: tuple[str, ...] = ("arm", "arm", "leg", "trunk", "face")
+#: The same with ``realistic``: heads and shoulders twice as often, and hands on their own.
+REALISTIC_LONG_SHOT_REGIONS: tuple[str, ...] = (
+    "arm",
+    "arm",
+    "leg",
+    "trunk",
+    "face",
+    "face",
+    "hand",
+)
+#: With ``realistic``, the share of long shots whose background is a negative scene (sky,
+#: leaves, fur, wood, cloth, a table with objects) rather than a room.
 OUTDOOR_SHARE = 0.35
 #: Least share of the frame a photo's lesions cover (of a quarter of it for small skin areas).
 MIN_LESION_FRACTION = 0.015
@@ -971,6 +981,58 @@ def _face(rng: np.random.Generator, h: int, w: int) -> _Body:
     )
 
 
+def _simple_face(rng: np.random.Generator, h: int, w: int, skin_lab: np.ndarray) -> _Body:
+    """A face-like oval with a neck, hair, brows and eyes (not skin) and a collar: the face of
+    the default generator (:func:`_face` is the realistic one)."""
+    yy, xx = _grid(h, w)
+    cy, cx = h * rng.uniform(0.38, 0.52), w * rng.uniform(0.4, 0.6)
+    ry = h * rng.uniform(0.3, 0.42)
+    rx = ry * rng.uniform(0.68, 0.8)
+    r = np.hypot((yy - cy) / ry, (xx - cx) / rx)
+    inside = (1.0 - r) * rx
+    neck_w = rx * 0.55
+    neck = np.minimum(neck_w - np.abs(xx - cx), yy - cy)
+    inside = np.maximum(inside, neck)
+    coverage = _coverage(inside)
+    shade = _cylinder_shade(np.minimum(r, np.abs(xx - cx) / rx), rng.uniform(0.25, 0.4))
+    shade = np.where(r > 1.0, shade * 0.85, shade).astype(np.float32)  # the neck lies in shadow
+    overlays: list[_Overlay] = []
+    hair_lab = (rng.uniform(8, 35), rng.uniform(0, 10), rng.uniform(0, 20))
+    if rng.random() < 0.85:
+        hairline = cy - ry * rng.uniform(0.3, 0.6) + 0.06 * ry * _smooth_noise(rng, h, w, 20)
+        hair_r = np.hypot((yy - cy) / (ry * 1.12), (xx - cx) / (rx * 1.18))
+        alpha = _coverage(np.minimum(hairline - yy, (1.0 - hair_r) * rx))
+        overlays += _overlay(
+            alpha, lambda y, x: _textured_layer(rng, y.shape[0], x.shape[1], hair_lab, "wood")
+        )
+    eye_y = cy - ry * rng.uniform(0.05, 0.15)
+    eye_dx, eye_rx, eye_ry = rx * 0.42, rx * 0.2, ry * 0.055
+    eyes = np.zeros((h, w), np.float32)
+    brows = np.zeros((h, w), np.float32)
+    for side in (-1, 1):
+        ex = cx + side * eye_dx
+        er = np.hypot((yy - eye_y) / eye_ry, (xx - ex) / eye_rx)
+        eyes = np.maximum(eyes, _coverage((1.0 - er) * eye_ry))
+        br = np.hypot((yy - eye_y + ry * 0.16) / (eye_ry * 0.6), (xx - ex) / (eye_rx * 1.2))
+        brows = np.maximum(brows, _coverage((1.0 - br) * eye_ry * 0.6))
+    iris = _rgb((rng.uniform(15, 45), 3, 10))
+    white = _rgb((88, 0, 3))
+
+    def eye_layer(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        iris_alpha = _coverage(eye_ry * 0.95 - np.hypot(y - eye_y, np.abs(x - cx) - eye_dx))
+        return white + iris_alpha[..., None] * (iris - white)
+
+    overlays += _overlay(eyes, eye_layer)
+    overlays += _overlay(brows, lambda y, x: _rgb(hair_lab)[None, None, :])
+    if rng.random() < 0.8:
+        collar = cy + ry * rng.uniform(1.25, 1.6) + 0.1 * np.abs(xx - cx)
+        overlays += _fabric_overlay(rng, _coverage(yy - collar))
+    # lips are skin (they are labelled skin), drawn as a darker, redder relief
+    lip = np.hypot((yy - cy - ry * 0.55) / (ry * 0.07), (xx - cx) / (rx * 0.35))
+    shade = shade * (1.0 - 0.12 * _coverage((1.0 - lip) * 3.0))
+    return _Body(coverage, shade.astype(np.float32), overlays, "face")
+
+
 def _hand(rng: np.random.Generator, h: int, w: int) -> _Body:
     """A hand with its wrist: palm, four fingers (spread, sometimes bent) and a thumb, creases
     at the knuckles and lighter nails; the forearm leaves the frame, often in a sleeve."""
@@ -1382,7 +1444,9 @@ _LESION_PAINTERS = {
 
 
 # --------------------------------------------------------------------------- camera
-def _lighting(rng: np.random.Generator, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+def _lighting(
+    rng: np.random.Generator, image: np.ndarray, params: dict[str, Any], metered: bool = False
+) -> np.ndarray:
     h, w, _ = image.shape
     yy, xx = _grid(h, w)
     gradient = rng.uniform(0.0, 0.45)
@@ -1404,7 +1468,7 @@ def _lighting(rng: np.random.Generator, image: np.ndarray, params: dict[str, Any
     warmth = rng.uniform(-0.12, 0.12)
     balance = np.array([1.0 + warmth, 1.0, 1.0 - warmth], np.float32)
     exposure = rng.uniform(0.75, 1.2)
-    if rng.random() < 0.6:
+    if metered and rng.random() < 0.6:
         # metered like a camera's automatic exposure: the brightest parts of the frame come out
         # near white (shading, light fall-off and shadows alone would keep light skin grey)
         bright = float(np.percentile((image[::4, ::4].mean(axis=2) * light[::4, ::4]), 99))
@@ -1421,17 +1485,21 @@ def _lighting(rng: np.random.Generator, image: np.ndarray, params: dict[str, Any
     return image
 
 
-def _camera(rng: np.random.Generator, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-    """Optics, sensor and encoder: defocus blur, noise, JPEG compression (8-bit levels in)."""
+def _camera(
+    rng: np.random.Generator, image: np.ndarray, params: dict[str, Any], rendering: bool = False
+) -> np.ndarray:
+    """Optics, sensor and encoder: defocus blur, noise, JPEG compression (8-bit levels in);
+    with ``rendering`` also the camera's saturation and contrast."""
     blur = rng.uniform(0.3, 1.8) if rng.random() < 0.6 else 0.0
     noise = rng.uniform(0.5, 6.0)
-    # a camera renders colours more saturated and contrasted than a colorimeter measures them
-    saturation, contrast = rng.uniform(0.9, 1.4), rng.uniform(0.9, 1.25)
-    grey = image.mean(axis=2, keepdims=True)
-    image += (saturation - 1.0) * (image - grey)
-    image -= 127.5
-    image *= contrast
-    image += 127.5
+    if rendering:
+        # a camera renders colours more saturated and contrasted than a colorimeter measures
+        saturation, contrast = rng.uniform(0.9, 1.4), rng.uniform(0.9, 1.25)
+        grey = image.mean(axis=2, keepdims=True)
+        image += (saturation - 1.0) * (image - grey)
+        image -= 127.5
+        image *= contrast
+        image += 127.5
     if blur > 0:
         image = ndimage.gaussian_filter(image, sigma=(blur, blur, 0), truncate=3.0)
     # sensor noise: the sum of two uniform bytes (triangular, close to normal) costs a tenth of
@@ -1476,6 +1544,7 @@ def generate_photo(
     classes: Sequence[str] = CLASSES,
     closeup_probability: float = 0.4,
     negative_fraction: float = 0.0,
+    realistic: bool = False,
 ) -> SyntheticPhoto:
     """Generate photo ``index`` of the synthetic set ``seed``.
 
@@ -1494,6 +1563,12 @@ def generate_photo(
         flowers, cups), labelled :data:`NEGATIVE_LABEL` with an all-background mask. Whether
         photo ``index`` is one is drawn from a stream of its own, so the other photos of a set
         are the same whatever this share.
+    realistic
+        People as in ordinary photographs (docs/training.md): heads and shoulders near and far
+        with shaded features, hair, teeth and clothing, hands with fingers, a third of the long
+        shots in front of the negatives' scenes, and a camera that meters its exposure and
+        renders colours more saturated and contrasted. Off, the generator draws exactly the
+        photos of earlier versions (those the shipped weights were evaluated on).
 
     Returns
     -------
@@ -1508,7 +1583,7 @@ def generate_photo(
         raise SynthError(f"negative_fraction must be within 0..1, got {negative_fraction}")
     negative_rng = np.random.default_rng([int(seed), int(index), 1])
     if negative_rng.random() < negative_fraction:
-        return _negative_photo(negative_rng, seed, index, long_side)
+        return _negative_photo(negative_rng, seed, index, long_side, realistic)
     rng = photo_rng(seed, index)
     label = str(classes[int(rng.integers(len(classes)))])
     aspect = float(rng.choice([0.75, 2 / 3, 1.0, 0.75]))
@@ -1524,11 +1599,11 @@ def generate_photo(
         body = _closeup(rng, h, w)
     else:
         ppc = rng.uniform(13, 20) * scale
-        region = str(rng.choice(LONG_SHOT_REGIONS))
+        region = str(rng.choice(REALISTIC_LONG_SHOT_REGIONS if realistic else LONG_SHOT_REGIONS))
         if region == "trunk":
             body = _trunk(rng, h, w)
         elif region == "face":
-            body = _face(rng, h, w)
+            body = _face(rng, h, w) if realistic else _simple_face(rng, h, w, skin_lab)
         elif region == "hand":
             body = _hand(rng, h, w)
         else:
@@ -1568,7 +1643,7 @@ def generate_photo(
     if closeup:
         params["background"] = "closeup"
         photo = _background(rng, h, w, {}) if body.coverage.min() < 0.5 else surface.copy()
-    elif rng.random() < OUTDOOR_SHARE:
+    elif realistic and rng.random() < OUTDOOR_SHARE:
         # people are also photographed outdoors, with pets, food and things that share skin's
         # colours: the negatives' scenes behind the body
         photo = _negative_scene(rng, h, w, params)
@@ -1577,8 +1652,8 @@ def generate_photo(
     _blend(photo, body.coverage, surface)
     for overlay in overlays:
         _blend(photo, overlay.alpha, overlay.layer, overlay.box)
-    photo = _lighting(rng, photo, params)
-    pixels = _camera(rng, photo, params)
+    photo = _lighting(rng, photo, params, metered=realistic)
+    pixels = _camera(rng, photo, params, rendering=realistic)
 
     mask = np.full((h, w), BACKGROUND, np.uint8)
     mask[skin] = SKIN
@@ -1601,7 +1676,7 @@ def generate_photo(
 
 
 def _negative_photo(
-    rng: np.random.Generator, seed: int, index: int, long_side: int
+    rng: np.random.Generator, seed: int, index: int, long_side: int, realistic: bool = False
 ) -> SyntheticPhoto:
     """A photo without skin: a negative scene through the same light and camera as the others."""
     aspect = float(rng.choice([0.75, 2 / 3, 1.0, 0.75]))
@@ -1609,8 +1684,8 @@ def _negative_photo(
     h, w = (short, long_side) if rng.random() < 0.6 else (long_side, short)
     params: dict[str, Any] = {"seed": seed, "index": index, "width": w, "height": h}
     photo = _negative_scene(rng, h, w, params)
-    photo = _lighting(rng, photo, params)
-    pixels = _camera(rng, photo, params)
+    photo = _lighting(rng, photo, params, metered=realistic)
+    pixels = _camera(rng, photo, params, rendering=realistic)
     params.update(
         scene="negative",
         body_region="",
@@ -1623,9 +1698,11 @@ def _negative_photo(
 
 
 # --------------------------------------------------------------------------- a set on disk
-def _write_one(job: tuple[Path, int, int, int, tuple[str, ...], float]) -> dict[str, Any]:
-    out, seed, index, long_side, classes, negative_fraction = job
-    photo = generate_photo(seed, index, long_side, classes, negative_fraction=negative_fraction)
+def _write_one(job: tuple[Path, int, int, int, tuple[str, ...], float, bool]) -> dict[str, Any]:
+    out, seed, index, long_side, classes, negative_fraction, realistic = job
+    photo = generate_photo(
+        seed, index, long_side, classes, negative_fraction=negative_fraction, realistic=realistic
+    )
     name = f"synth_{seed}_{index:06d}.png"
     Image.fromarray(photo.image).save(out / "images" / name, compress_level=1)
     Image.fromarray(photo.mask).save(out / "masks" / name, compress_level=1)
@@ -1640,6 +1717,7 @@ def iter_write_synthetic_set(
     classes: Sequence[str] = CLASSES,
     workers: int = 1,
     negative_fraction: float = 0.0,
+    realistic: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Write ``count`` photos under ``out`` and yield each ``labels.csv`` row as it is done.
 
@@ -1653,7 +1731,10 @@ def iter_write_synthetic_set(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    jobs = [(out, seed, i, long_side, tuple(classes), negative_fraction) for i in range(count)]
+    jobs = [
+        (out, seed, i, long_side, tuple(classes), negative_fraction, realistic)
+        for i in range(count)
+    ]
     rows: list[dict[str, Any]] = []
     if workers <= 1:
         for job in jobs:
@@ -1679,10 +1760,11 @@ def write_synthetic_set(
     classes: Sequence[str] = CLASSES,
     workers: int = 1,
     negative_fraction: float = 0.0,
+    realistic: bool = False,
 ) -> Path:
     """Write a synthetic set (images/, masks/, labels.csv) and return the path of labels.csv."""
     for _ in iter_write_synthetic_set(
-        out, count, seed, long_side, classes, workers, negative_fraction
+        out, count, seed, long_side, classes, workers, negative_fraction, realistic
     ):
         pass
     return Path(out) / "labels.csv"
