@@ -170,7 +170,7 @@ def inference_section(result: Mapping[str, Any]) -> list[str]:
     lines += [
         f"Target, whole method < {target['seconds']} s per {target['size']} photo: old path "
         f"(eager PyTorch, full decode) {target['baseline_ms_median']:.0f} ms median "
-        f"({target['baseline_ms_min']:.0f} fastest); the worker now "
+        f"({target['baseline_ms_min']:.0f} fastest); the worker (ONNX Runtime, full decode) "
         f"{target['worker_ms_median']:.0f} ms median ({target['worker_ms_min']:.0f} fastest): "
         f"{'met' if met else '**missed**'} on the median, "
         f"{'met' if fastest_met else '**missed**'} on the fastest run. ONNX export at first "

@@ -235,6 +235,10 @@ class ModelSettings(_Section):
     # auto: ONNX Runtime on the CPU when onnxruntime imports, PyTorch on CUDA; torch; onnx (CPU)
     runtime: Literal["auto", "torch", "onnx"] = "auto"
     long_side: int = Field(512, ge=64)
+    # Segmentation input from the codec's reduced-scale (DCT) decode of 8-bit colour JPEG
+    # instead of the full decode resized. Off: no faster on a CPU here (crops still need the
+    # full decode) and masks moved on some photos (docs/benchmarks.md, docs/model-card.md).
+    reduced_decode: bool = False
     classes: list[str] = Field(
         default_factory=lambda: [
             "atopic_dermatitis",

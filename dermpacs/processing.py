@@ -276,16 +276,21 @@ def quarantine_failed_photo(
     return kept
 
 
-def read_for_analysis(source: Dataset, settings: Settings, analyser: Analyser) -> Photograph:
+def read_for_analysis(
+    source: Dataset, settings: Settings, analyser: Analyser, *, reduced: bool | None = None
+) -> Photograph:
     """Decode a received photo as the worker does: full resolution (crops, overlay, the SEG's
-    size) plus, where the codec can scale (8-bit colour JPEG), a reduced-scale preview of at
-    least the analysis long side, from which the segmentation input is made."""
+    size) plus, with ``model.reduced_decode`` (or ``reduced``) and where the codec can scale
+    (8-bit colour JPEG), a reduced-scale preview of at least the analysis long side, from
+    which the segmentation input is then made."""
     from dermpacs.imaging.decode import read_photograph
 
+    if reduced is None:
+        reduced = settings.model.reduced_decode
     return read_photograph(
         source,
         max_megapixels=settings.intake.max_megapixels,
-        preview_long_side=analyser.long_side,
+        preview_long_side=analyser.long_side if reduced else None,
     )
 
 
