@@ -237,6 +237,25 @@ def redis_reserved(settings: Settings, names: list[str]) -> dict[str, int] | Non
     return counts
 
 
+def broker_holds(settings: Settings, name: str) -> int | None:
+    """Messages of queue ``name`` that Redis holds: waiting (every priority step) and taken
+    but not yet acknowledged. None for the embedded broker or when Redis cannot be read.
+
+    The listener's reconciler asks this to find ``queued`` jobs whose message is gone
+    (:class:`dermpacs.jobs.publisher.PeriodicReconciler`).
+    """
+    if not settings.broker.url:
+        return None
+    depths, error = broker_depths(settings, [name])
+    if error is not None:
+        return None
+    try:
+        reserved = redis_reserved(settings, [name])
+    except Exception:  # Redis unreadable: say nothing rather than zero
+        return None
+    return depths[name] + (reserved or {}).get(name, 0)
+
+
 def queue_consumers(settings: Settings, names: list[str]) -> dict[str, list[str]] | None:
     """The workers consuming each queue, as they answer Celery's remote control.
 

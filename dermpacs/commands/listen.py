@@ -49,6 +49,7 @@ def quiet_libraries(verbose: bool) -> None:
 
 def start_intake(settings: Settings) -> Any:
     """Configure the queue and start the intake service; raises ConfigError."""
+    from dermpacs.admin.queues import broker_holds
     from dermpacs.intake.service import IntakeService
     from dermpacs.jobs.publisher import PublisherProcess
     from dermpacs.processing import model_version
@@ -73,6 +74,7 @@ def start_intake(settings: Settings) -> Any:
         # Celery messages are built and sent in a child process, off the receiving threads'
         # interpreter lock (docs/benchmarks.md).
         publisher=PublisherProcess(settings, processing_publisher),
+        broker_holds=lambda: broker_holds(settings, settings.queues.inference.name),
     )
     summary = service.start()
     log.info(

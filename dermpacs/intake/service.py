@@ -47,6 +47,9 @@ class IntakeService:
     broker_epoch
         Names the running broker instance (None while unreachable); a change means it
         restarted and may have lost its messages, and queued jobs are published again.
+    broker_holds
+        How many processing messages the broker holds (None when it cannot say): queued jobs
+        it holds none for are published again (:class:`PeriodicReconciler`).
     publisher
         What publishes each received job (``dermpacs listen`` hands in a
         :class:`PublisherProcess`); by default a :class:`Publisher` thread calling
@@ -64,6 +67,7 @@ class IntakeService:
         store: JobStore | None = None,
         broker_epoch: Callable[[], str | None] | None = None,
         publisher: Publisher | PublisherProcess | None = None,
+        broker_holds: Callable[[], int | None] | None = None,
     ) -> None:
         self.settings = settings
         self.publish_processing = publish_processing
@@ -103,6 +107,7 @@ class IntakeService:
             dispatch_lease=lease,
             queued_grace=queued_grace,
             broker_epoch=broker_epoch,
+            broker_holds=broker_holds,
         )
 
     def start(self) -> RequeueSummary:

@@ -20,10 +20,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from dermpacs.jobs.models import JobState, utc_now
 from dermpacs.jobs.reconcile import Publish, reconcile_stalled, republish_after_broker_loss
 from dermpacs.jobs.store import JobStore
 
@@ -286,6 +287,12 @@ class PeriodicReconciler:
     ``run_id``; None while it cannot be reached), a pass that finds the broker restarted since
     the last one publishes every queued job again
     (:func:`~dermpacs.jobs.reconcile.republish_after_broker_loss`).
+
+    With ``broker_holds`` (how many processing messages the broker holds, waiting or taken by
+    a worker and not yet acknowledged; None when it cannot say), a pass that finds none while
+    jobs have been ``queued`` for longer than ``received_grace`` publishes those again: their
+    messages were lost without a restart (the database flushed, keys evicted under
+    ``maxmemory``), which the epoch cannot see.
     """
 
     def __init__(
@@ -301,9 +308,11 @@ class PeriodicReconciler:
         dispatch_lease: timedelta | None = None,
         queued_grace: timedelta | None = None,
         broker_epoch: Callable[[], str | None] | None = None,
+        broker_holds: Callable[[], int | None] | None = None,
     ) -> None:
         self._store = store
         self._broker_epoch = broker_epoch
+        self._broker_holds = broker_holds
         self._epoch: str | None = None
         self._publish_processing = publish_processing
         self._publish_dispatch = publish_dispatch
@@ -339,6 +348,46 @@ class PeriodicReconciler:
             )
         return restarted
 
+    def republish_stranded(self, now: datetime | None = None) -> list[int]:
+        """Publish again the ``queued`` jobs that the broker holds no message for.
+
+        Returns the ids published. Nothing is done while the broker holds any processing
+        message (a backlog is not a fault) or cannot say.
+        """
+        if self._broker_holds is None:
+            return []
+        try:
+            held = self._broker_holds()
+        except Exception:
+            return []
+        if held != 0:
+            return []
+        now = now or utc_now()
+        stranded = [
+            j.id
+            for j in self._store.list_jobs(
+                states=[JobState.QUEUED], updated_before=now - self._received_grace, limit=None
+            )
+        ]
+        if not stranded:
+            return []
+        published = []
+        for job_id in stranded:
+            try:
+                self._publish_processing(job_id)
+            except Exception as exc:  # down again: the next pass tries again
+                logger.warning("could not publish stranded job %d: %s", job_id, exc)
+                break
+            published.append(job_id)
+        self._store.touch(published)
+        logger.warning(
+            "%d queued job(s) waited over %.0f s while the broker held no processing message "
+            "(emptied or evicted?): published again",
+            len(published),
+            self._received_grace.total_seconds(),
+        )
+        return published
+
     def start(self) -> PeriodicReconciler:
         self.observe_broker()
         self._thread.start()
@@ -350,6 +399,7 @@ class PeriodicReconciler:
 
     def run_once(self) -> None:
         self.observe_broker()
+        self.republish_stranded()
         reconcile_stalled(
             self._store,
             publish_processing=self._publish_processing,
