@@ -54,7 +54,7 @@ def test_queued_jobs_whose_messages_vanished_are_published_again(
 
         stack.start_worker()
         jobs = stack.wait(
-            lambda: (found := store.list_jobs(states=[DELIVERED])) if len(found) == 3 else None,
+            lambda: found if len(found := store.list_jobs(states=[DELIVERED])) == 3 else None,
             timeout=120,
             what="three jobs delivered",
         )
