@@ -181,13 +181,15 @@ class OrthancServer(Receiver):
 
 
 class DermpacsListener(Receiver):
-    """``dermpacs listen``: admit, spool with fsync, job row committed (SQLite, synchronous
-    FULL), then success; the processing task is published to Redis in the background."""
+    """``dermpacs listen``: admit, spool with fsync, job row committed (lazily: the spool is
+    the write-ahead log), then success; the processing task is published to Redis by the
+    listener's publisher process."""
 
     name = "dermpacs"
     description = (
-        "dermpacs listen (spool write + fsync + rename + folder fsync, job row in SQLite WAL "
-        "synchronous=FULL, task published to Redis)"
+        "dermpacs listen (spool write + fsync + rename + folder fsync, job row committed lazily "
+        "in SQLite WAL: the spool is the write-ahead log; task published to Redis by a child "
+        "process)"
     )
 
     def __init__(self, workdir: Path, *, model: Mapping[str, Any], broker_url: str) -> None:
