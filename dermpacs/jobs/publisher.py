@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import queue
 import struct
 import threading
@@ -207,14 +208,11 @@ class PublisherProcess:
         the pipe holds thousands)."""
         message = _JOB_ID.pack(job_id) + (level or "").encode()
         with self._lock:
-            if self._process is not None and not self._process.is_alive():
+            if self._child_exited():
                 # Found dead before writing: a pipe whose reading end some other process
                 # inherited would take the id without complaint, and nobody would read it.
-                logger.warning(
-                    "publisher process %d exited (%s); starting another",
-                    self._process.pid,
-                    self._process.exitcode,
-                )
+                assert self._process is not None
+                logger.warning("publisher process %d exited; starting another", self._process.pid)
                 self._close_child(timeout=0)
                 self._start_child()
             for attempt in (1, 2):
@@ -230,6 +228,14 @@ class PublisherProcess:
                     self._close_child(timeout=0)
                     self._start_child()
 
+    def _child_exited(self) -> bool:
+        """Whether the child has ended, read from its sentinel (closed by the kernel when it
+        exits), not from ``waitpid``: in a process where something else reaps children (a
+        SIGCHLD handler), ``is_alive()`` would go on saying True."""
+        if self._process is None:
+            return False
+        return bool(multiprocessing.connection.wait([self._process.sentinel], timeout=0))
+
     def stop(self, timeout: float = 10.0) -> None:
         """Publish what was submitted, then stop the child."""
         with self._lock:
@@ -243,7 +249,7 @@ class PublisherProcess:
             self._writer = None
         if self._process is not None:
             self._process.join(timeout)
-            if self._process.is_alive():
+            if not self._child_exited():
                 logger.warning("publisher process %d did not stop; killed", self._process.pid)
                 self._process.kill()
                 self._process.join(5)
