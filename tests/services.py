@@ -243,6 +243,14 @@ class RedisServer:
             kwargs.update(ssl=True, ssl_ca_certs=str(self.tls[2]))
         return redis.Redis(LOOPBACK, self.port, **kwargs)
 
+    def waiting(self, queue: str) -> int:
+        """Messages waiting on ``queue``: kombu keeps one list per priority step
+        (``inference`` for step 0, ``inference\x06\x16<step>`` for the others)."""
+        client = self.client()
+        return sum(
+            client.llen(key) for key in client.keys(f"{queue}*") if client.type(key) == b"list"
+        )
+
 
 class TlsFiles:
     """A test CA with a server certificate (for 127.0.0.1 and localhost) and a client one.

@@ -20,13 +20,6 @@ QUEUED = JobState.QUEUED
 pytestmark = [pytest.mark.integration]
 
 
-def waiting(redis_server, queue: str) -> int:
-    """Messages on a queue in Redis: kombu keeps one list per priority step (``inference``
-    for step 0, ``inference\x06\x16<step>`` for the others)."""
-    client = redis_server.client()
-    return sum(client.llen(key) for key in client.keys(f"{queue}*") if client.type(key) == b"list")
-
-
 def test_a_job_cancelled_while_queued_is_skipped_by_the_worker(
     tmp_path: Path, plumbing_model: dict, camera_template: Path, own_redis: services.RedisServer
 ) -> None:
@@ -50,13 +43,13 @@ def test_a_job_cancelled_while_queued_is_skipped_by_the_worker(
         )
         by_uid = {j.sop_instance_uid: j.id for j in jobs}
         cancelled, kept = by_uid[uids[0]], by_uid[uids[1]]
-        assert waiting(own_redis, "inference") == 2  # both messages wait on the broker
+        assert own_redis.waiting("inference") == 2  # both messages wait on the broker
 
         answer = services.jobs_command(
             stack.config, "cancel", str(cancelled), "--reason", "sent by mistake"
         )
         assert answer == [{"job_id": cancelled, "cancelled": True}]
-        assert waiting(own_redis, "inference") == 2  # a cancel does not touch the queue
+        assert own_redis.waiting("inference") == 2  # a cancel does not touch the queue
 
         worker = stack.start_worker()
         delivered = stack.wait(
@@ -69,7 +62,7 @@ def test_a_job_cancelled_while_queued_is_skipped_by_the_worker(
             timeout=30,
             what="the worker skipping the cancelled job",
         )
-        assert waiting(own_redis, "inference") == 0  # its message was consumed
+        assert own_redis.waiting("inference") == 0  # its message was consumed
 
         skipped = store.get(cancelled)
         assert skipped.job.state.value == "cancelled"

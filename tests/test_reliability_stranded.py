@@ -20,11 +20,6 @@ pytestmark = [pytest.mark.integration]
 QUEUED, DELIVERED = JobState.QUEUED, JobState.DELIVERED
 
 
-def held(redis_server) -> int:
-    client = redis_server.client()
-    return sum(client.llen(k) for k in client.keys("inference*") if client.type(k) == b"list")
-
-
 def test_queued_jobs_whose_messages_vanished_are_published_again(
     tmp_path, plumbing_model, camera_template, own_redis, caplog
 ):
@@ -46,10 +41,14 @@ def test_queued_jobs_whose_messages_vanished_are_published_again(
             timeout=30,
             what="three jobs queued",
         )
-        assert held(own_redis) == 3
+        assert own_redis.waiting("inference") == 3
         own_redis.client().flushdb()  # the messages are gone; Redis itself never restarted
         # reconcile_interval 2 s, received_grace 2 s: within a few passes they are back
-        stack.wait(lambda: held(own_redis) == 3 or None, timeout=30, what="messages published")
+        stack.wait(
+            lambda: own_redis.waiting("inference") == 3 or None,
+            timeout=30,
+            what="messages published",
+        )
         assert "held no processing message" in stack.listeners[0].log()
 
         stack.start_worker()
