@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from dermpacs.analysis import BACKGROUND, LESION, SKIN, QualityFlag
 from dermpacs.config import Settings
 from dermpacs.inference.pipeline import (
-    DEFAULT_WEIGHTS_DIR,
     Analyser,
     PhotoError,
     WeightsError,
@@ -266,10 +265,6 @@ def test_mask_at_source_size_is_the_argmax_of_bilinear_logits(
             assert float((top2[0] - top2[1]).numpy()[disagree].max()) < 1e-5
 
 
-SHIPPED = DEFAULT_WEIGHTS_DIR / "segmentation.safetensors"
-
-
-@pytest.mark.skipif(not SHIPPED.exists(), reason="reference weights not trained yet")
 def test_shipped_weights_segment_a_synthetic_photo(tmp_path: Path) -> None:
     """The reference weights (trained on synthetic photos) find skin and lesion in a new one."""
     from dermpacs.training.synth import generate_photo

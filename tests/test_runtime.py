@@ -21,7 +21,7 @@ import torch
 from dermpacs.config import ConfigError, Settings, load_settings
 from dermpacs.imaging.decode import read_photograph
 from dermpacs.inference import runtime
-from dermpacs.inference.pipeline import DEFAULT_WEIGHTS_DIR, Analyser, WeightsError
+from dermpacs.inference.pipeline import Analyser, WeightsError
 from dermpacs.inference.runtime import OrtNetwork, resolve_runtime
 from dermpacs.inference.weights import read_metadata
 from tests.photos import PHOTO_KINDS_BY_NAME
@@ -124,15 +124,11 @@ def test_torch_runtime_keeps_eager_modules(tmp_path: Path) -> None:
     assert not _cache(settings).exists()
 
 
-SHIPPED = DEFAULT_WEIGHTS_DIR / "segmentation.safetensors"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not SHIPPED.exists(), reason="reference weights not trained yet")
 def test_torch_onnx_and_preview_paths_agree(tmp_path: Path) -> None:
     """Shipped weights, generated clinical photos as camera JPEGs: eager PyTorch on the full
     decode (the old worker), ONNX Runtime on the full decode, and ONNX Runtime with the
-    segmentation input from the codec's 1/4-scale decode (the worker now)."""
+    segmentation input from the codec's 1/4-scale decode (model.reduced_decode)."""
     from dermpacs.training.synth import generate_photo
 
     settings = Settings.model_validate({"storage": {"root": str(tmp_path)}})
