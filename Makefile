@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 APT_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc ojph_compress:openjph-tools \
+             redis-server:redis-server \
              chromium:chromium npm:npm \
              /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 PYTEST_ARGS ?=
