@@ -192,11 +192,20 @@ class DermpacsListener(Receiver):
         "process)"
     )
 
-    def __init__(self, workdir: Path, *, model: Mapping[str, Any], broker_url: str) -> None:
+    def __init__(
+        self, workdir: Path, *, model: Mapping[str, Any], broker_url: str, processes: int = 1
+    ) -> None:
         super().__init__(workdir)
         self.model = dict(model)
         self.broker_url = broker_url
         self.config_path = workdir / "dermpacs.toml"
+        self.listener_processes = processes
+        if processes > 1:
+            self.name = f"dermpacs-{processes}p"
+            self.description = (
+                f"{self.description}, listener.processes = {processes} (the listening process "
+                "hands each association to the process serving the fewest)"
+            )
 
     def start(self, timeout: float = 120.0) -> DermpacsListener:
         self.ae_title = "DERMPACS"
@@ -208,6 +217,7 @@ class DermpacsListener(Receiver):
                     "host": LOOPBACK,
                     "port": self.port,
                     "max_associations": 32,
+                    "processes": self.listener_processes,
                 },
                 "broker": {"url": self.broker_url},
                 "storage": {"root": str(self.workdir / "var")},

@@ -29,7 +29,10 @@ class ListenerSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)
-    max_associations: int = Field(16, ge=1)
+    max_associations: int = Field(16, ge=1)  # shared by the `processes`
+    # Processes serving associations behind the one port: the listening process hands each
+    # accepted connection to the one serving the fewest (dermpacs.intake.receivers).
+    processes: int = Field(1, ge=1, le=64)
     max_pdu_size: int = Field(0, ge=0)  # 0: no limit (PS3.8 D.3.3.2.1)
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0

@@ -62,7 +62,8 @@ def test_short_run_measures_every_part_and_writes_its_report(tmp_path: Path) -> 
     receive = parts["receive"]
     assert len(receive["rows"]) == 4
     for row in receive["rows"]:
-        for name in ("dermpacs", "storescp", "orthanc"):
+        # dermpacs with one listening process and with two (listener.processes = 2)
+        for name in ("dermpacs", "dermpacs-2p", "storescp", "orthanc"):
             cell = row["receivers"][name]
             assert len(cell["seconds"]) == receive["repeats"]
             assert cell["photos_per_second_median"] > 0

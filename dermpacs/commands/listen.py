@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import threading
@@ -47,7 +48,7 @@ def quiet_libraries(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def start_intake(settings: Settings) -> Any:
+def start_intake(settings: Settings, *, verbose: bool = False) -> Any:
     """Configure the queue and start the intake service; raises ConfigError."""
     from dermpacs.admin.queues import broker_holds
     from dermpacs.intake.service import IntakeService
@@ -75,6 +76,7 @@ def start_intake(settings: Settings) -> Any:
         # interpreter lock (docs/benchmarks.md).
         publisher=PublisherProcess(settings, processing_publisher),
         broker_holds=lambda: broker_holds(settings, settings.queues.inference.name),
+        prepare_receiver=functools.partial(quiet_libraries, verbose),
     )
     summary = service.start()
     log.info(
@@ -88,7 +90,7 @@ def start_intake(settings: Settings) -> Any:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libraries(args.verbose)
     try:
-        service = start_intake(settings)
+        service = start_intake(settings, verbose=args.verbose)
     except ConfigError as exc:
         print(f"dermpacs listen: {exc}")
         return 2

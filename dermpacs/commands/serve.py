@@ -30,7 +30,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     quiet_libraries(args.verbose)
     try:
-        service = start_intake(settings)
+        service = start_intake(settings, verbose=args.verbose)
     except ConfigError as exc:
         print(f"dermpacs serve: {exc}")
         return 2

@@ -15,8 +15,10 @@ connects and says nothing cannot hold the acceptor.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -102,6 +104,25 @@ class BulkReadSocket(AssociationSocket):
     the bytes asked for, or fewer when the peer closed the connection.
     """
 
+    # How long :attr:`ready` waits for bytes to arrive. pynetdicom's reactor asks with no wait
+    # and sleeps 1 ms whenever nothing had arrived yet; waiting in ``select`` instead wakes
+    # as soon as the next PDU's bytes are there (the reactor's own sleep is set to 0).
+    wait_for_data = 0.001
+
+    @property
+    def ready(self) -> bool:
+        if self.socket is None or self._is_connected is False:
+            time.sleep(self.wait_for_data)  # closed: keep the reactor's pace, do not spin
+            return False
+        if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
+            return True  # TLS bytes already decrypted, which select cannot see
+        try:
+            ready, _, _ = select.select([self.socket], [], [], self.wait_for_data)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        return bool(ready)
+
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
         buffer = bytearray(nr_bytes)
@@ -128,6 +149,7 @@ class BulkReadRequestHandler(RequestHandler):
         # The socket pynetdicom made wraps this request's connection; it only gains the
         # bulk ``recv`` (no state of its own), so re-classing it keeps everything else as is.
         assoc.dul.socket.__class__ = BulkReadSocket
+        assoc.dul._run_loop_delay = 0  # BulkReadSocket.ready waits for data instead
         return assoc
 
 
@@ -141,6 +163,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     allowed_networks: tuple[Network, ...] = ()
     handshake_timeout: float = 30.0
+    kind = "plain"  # or "tls": which of the listener's ports this is
+    # Offered each accepted connection first (listener.processes > 1): True when another
+    # process took it (intake.receivers.ReceiverPool.hand_off).
+    hand_off: Callable[[socket.socket, Any, str], bool] | None = None
+    # Called when an association served here has ended.
+    on_finished: Callable[[], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", BulkReadRequestHandler)
@@ -158,17 +186,42 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         logger.warning("connection from %s refused: not in listener.allowed_hosts", host)
         return False
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.hand_off is not None and self.hand_off(request, client_address, self.kind):
+            self.close_request(request)  # our copy: the receiving process holds its own
+            return
+        super().process_request(request, client_address)
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is not None:
-            try:
-                request.settimeout(self.handshake_timeout)
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
-            except (OSError, ValueError) as exc:
-                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+        try:
+            if self.ssl_context is not None:
+                try:
+                    request.settimeout(self.handshake_timeout)
+                    request = self.ssl_context.wrap_socket(request, server_side=True)
+                    request.settimeout(None)
+                except (OSError, ValueError) as exc:
+                    logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.on_finished is not None:
+                self.on_finished()
+
+
+class AdoptingAssociationServer(GuardedAssociationServer):
+    """Serves connections that another process accepted and handed over
+    (:mod:`dermpacs.intake.receivers`); it listens on nothing itself."""
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        # never served forever, so there is no loop to stop: only the unused socket to close
+        self.server_close()
 
 
 class RefusalHook(Protocol):
@@ -264,7 +317,8 @@ class Listener:
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_associations = self.settings.max_associations
+        # Shared by the receiving processes (listener.processes): each serves its share.
+        ae.maximum_associations = -(-self.settings.max_associations // self.settings.processes)
         ae.maximum_pdu_size = self.settings.max_pdu_size
         ae.acse_timeout = self.settings.acse_timeout
         ae.dimse_timeout = self.settings.dimse_timeout
@@ -307,10 +361,17 @@ class Listener:
         self.ae._servers.append(server)
         return server
 
-    def start(self) -> GuardedAssociationServer:
+    def start(
+        self,
+        *,
+        hand_off: Callable[[socket.socket, Any, str], bool] | None = None,
+        on_finished: Callable[[], None] | None = None,
+    ) -> GuardedAssociationServer:
         """Listen in background threads: the plain port, and the TLS port when configured.
 
-        Returns the first server started (``.shutdown()`` stops it).
+        Returns the first server started (``.shutdown()`` stops it). ``hand_off`` is offered
+        each accepted connection first, and ``on_finished`` called when an association served
+        here ends (:class:`~dermpacs.intake.receivers.ReceiverPool`).
 
         Raises
         ------
@@ -323,6 +384,7 @@ class Listener:
         if tls is not None:
             self._servers["tls"] = self._serve(self.settings.tls_port, tls)
         for kind, server in self._servers.items():
+            server.kind, server.hand_off, server.on_finished = kind, hand_off, on_finished
             host, port = server.server_address[:2]
             logger.info(
                 "listening as %s on %s:%d%s (%d SOP classes, %d transfer syntaxes, "
@@ -337,6 +399,35 @@ class Listener:
                 ", ".join(self.settings.allowed_hosts) or "any",
             )
         return next(iter(self._servers.values()))
+
+    def adopt(self, *, on_finished: Callable[[], None] | None = None) -> None:
+        """Serve connections another process accepted (:meth:`take`) instead of listening."""
+        kinds = [] if self.settings.tls_only else ["plain"]
+        tls = server_tls_context(self.settings) if self.settings.tls_port else None
+        if tls is not None:
+            kinds.append("tls")
+        for kind in kinds:
+            server = self.ae.make_server(
+                (self.settings.host, 0),
+                ssl_context=tls if kind == "tls" else None,
+                evt_handlers=self.handlers,
+                server_class=AdoptingAssociationServer,
+            )
+            assert isinstance(server, AdoptingAssociationServer)
+            server.handshake_timeout = self.settings.acse_timeout
+            server.kind, server.on_finished = kind, on_finished
+            self._servers[kind] = server
+
+    def take(self, request: socket.socket, client_address: Any, kind: str) -> None:
+        """Serve a connection accepted elsewhere (``kind``: the port it came to) in a thread."""
+        server = self._servers.get(kind)
+        if not isinstance(server, AdoptingAssociationServer):
+            logger.error("a %s connection was handed over, but that port is not served", kind)
+            request.close()
+            return
+        with contextlib.suppress(OSError):  # what pynetdicom reports as the acceptor's address
+            server.server_address = request.getsockname()[:2]
+        server.process_request(request, client_address)
 
     @property
     def port(self) -> int:

@@ -16,6 +16,7 @@ from dermpacs.config import Settings
 from dermpacs.intake.listener import Listener
 from dermpacs.intake.priority import PriorityRules
 from dermpacs.intake.quarantine import Quarantine
+from dermpacs.intake.receivers import ReceiverPool
 from dermpacs.intake.recovery import recover_spooled
 from dermpacs.intake.refusals import RefusalLog
 from dermpacs.intake.spool import Spool
@@ -50,6 +51,9 @@ class IntakeService:
     broker_holds
         How many processing messages the broker holds (None when it cannot say): queued jobs
         it holds none for are published again (:class:`PeriodicReconciler`).
+    prepare_receiver
+        A module-level function each receiving process (``listener.processes`` > 1) calls
+        first: the log settings that keep patient data out of its log.
     publisher
         What publishes each received job (``dermpacs listen`` hands in a
         :class:`PublisherProcess`); by default a :class:`Publisher` thread calling
@@ -68,6 +72,7 @@ class IntakeService:
         broker_epoch: Callable[[], str | None] | None = None,
         publisher: Publisher | PublisherProcess | None = None,
         broker_holds: Callable[[], int | None] | None = None,
+        prepare_receiver: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.publish_processing = publish_processing
@@ -93,6 +98,18 @@ class IntakeService:
             quarantine=self.quarantine,
             on_refused=self.refusals.record,
             priority_rules=self.priority_rules,
+        )
+        self.receivers = (
+            ReceiverPool(
+                settings,
+                model_version=model_version,
+                count=settings.listener.processes - 1,
+                on_recorded=self.publisher.submit,
+                on_refused=self.refusals.record,
+                prepare=prepare_receiver,
+            )
+            if settings.listener.processes > 1
+            else None
         )
         jobs = settings.jobs
         lease = timedelta(seconds=jobs.lease_timeout)
@@ -129,7 +146,13 @@ class IntakeService:
         )
         self.publisher.start()
         self.refusals.start()
-        self.listener.start()
+        if self.receivers is None:
+            self.listener.start()
+        else:
+            self.receivers.start()
+            self.listener.start(
+                hand_off=self.receivers.hand_off, on_finished=self.receivers.local_finished
+            )
         self.reconciler.start()
         return summary
 
@@ -140,6 +163,8 @@ class IntakeService:
     def stop(self) -> None:
         """Stop listening, then publish what was received and close the store."""
         self.listener.shutdown()
+        if self.receivers is not None:  # what they recorded reaches the publisher first
+            self.receivers.stop()
         self.reconciler.stop()
         self.publisher.stop()
         self.refusals.stop()
