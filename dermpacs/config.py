@@ -242,6 +242,12 @@ class ModelSettings(_Section):
     # instead of the full decode resized. Off: no faster on a CPU here (crops still need the
     # full decode) and masks moved on some photos (docs/benchmarks.md, docs/model-card.md).
     reduced_decode: bool = False
+    # Photos analysed together by one worker process (dermpacs.inference.batching): tasks
+    # running at once (a threads pool, `dermpacs worker --pool threads --concurrency N`) hand
+    # their photos to one batched pass, up to batch_size, the first waiting at most
+    # batch_wait_ms for others. 1: each photo alone, no waiting.
+    batch_size: int = Field(1, ge=1, le=256)
+    batch_wait_ms: float = Field(20.0, ge=0, le=10_000)
     classes: list[str] = Field(
         default_factory=lambda: [
             "atopic_dermatitis",

@@ -384,6 +384,15 @@ def start_worker(*, queues: list[str], concurrency: int, pool: str, verbose: boo
     for queue in paused:
         logger.info("queue %s is paused (by %s): not consuming it", queue, controls[queue].actor)
     apply_recorded_rate_limits(settings, controls)
+    batch = settings.model.batch_size
+    if batch > 1 and settings.queues.inference.name in queues and pool != "threads":
+        logger.warning(
+            "model.batch_size is %d, but photos are analysed together only by tasks running "
+            "in one process (--pool threads --concurrency N); with --pool %s each photo is "
+            "analysed alone, after waiting model.batch_wait_ms for others",
+            batch,
+            pool,
+        )
     if pool == "prefork" and concurrency > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Each pool process runs its own torch; with torch's default (a thread per core in
         # every process) N processes oversubscribe the CPU several times over, which made

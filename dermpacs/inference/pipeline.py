@@ -37,6 +37,7 @@ from torch import nn
 
 from dermpacs.analysis import BACKGROUND, LESION, SKIN, Crop, PhotoAnalysis
 from dermpacs.config import CropSettings, QualitySettings, Settings
+from dermpacs.inference.batching import Batcher
 from dermpacs.inference.crops import CropWindow, cut_crops, cut_whole_photo, map_box, select_crops
 from dermpacs.inference.preprocessing import (
     PhotoError,
@@ -234,6 +235,8 @@ class Analyser:
         quality_settings: QualitySettings | None = None,
         device: torch.device | str = "cpu",
         runtime: Runtime = "torch",
+        batch_size: int = 1,
+        batch_wait: float = 0.02,
     ) -> None:
         if segmentation_metadata.kind != "segmentation":
             raise WeightsError("the segmentation network's metadata is not of kind segmentation")
@@ -258,6 +261,17 @@ class Analyser:
         self.classifier_metadata = classifier_metadata
         self.crop_settings = crop_settings or CropSettings()
         self.quality_settings = quality_settings or QualitySettings()
+        # batch_size > 1: concurrent analyse() calls are run together (inference.batching)
+        self.batcher: Batcher[tuple[np.ndarray, np.ndarray | None], PhotoAnalysis] | None = (
+            Batcher(
+                self._analyse_together,
+                max_size=batch_size,
+                max_wait=batch_wait,
+                name="dermpacs-batcher",
+            )
+            if batch_size > 1
+            else None
+        )
 
     @classmethod
     def from_settings(
@@ -317,6 +331,8 @@ class Analyser:
             quality_settings=settings.quality,
             device=target,
             runtime=chosen,
+            batch_size=model.batch_size,
+            batch_wait=model.batch_wait_ms / 1000.0,
         )
 
     @property
@@ -395,8 +411,18 @@ class Analyser:
         ------
         PhotoError
             ``rgb`` is not an RGB photograph, or ``preview`` does not fit it.
+
+        With a batch size above 1 (``model.batch_size``), the photo is analysed together with
+        those that other threads hand in at the same time; its result is the same.
         """
+        if self.batcher is not None:
+            return self.batcher.submit((rgb, preview))
         return self.analyse_batch([rgb], previews=[preview])[0]
+
+    def _analyse_together(
+        self, items: Sequence[tuple[np.ndarray, np.ndarray | None]]
+    ) -> list[PhotoAnalysis]:
+        return self.analyse_batch([rgb for rgb, _ in items], previews=[p for _, p in items])
 
     def _analysis_input(self, photo: np.ndarray, preview: np.ndarray | None) -> np.ndarray:
         shape = analysis_shape(photo.shape, self.long_side)
