@@ -33,10 +33,24 @@ from bench.services import REPO
 RESULTS_DIR = REPO / "bench" / "results"
 SHORT_RESULTS_DIR = REPO / "var" / "bench" / "results"
 DOCUMENT = REPO / "docs" / "benchmarks.md"
-PARTS = ("receive", "inference", "end_to_end")
-# Seconds each part may run (full mode); the end-to-end part holds its own backlog budget.
-TIME_LIMITS = {"receive": 1200, "inference": 1500, "end_to_end": 3000}
-SHORT_TIME_LIMITS = {"receive": 120, "inference": 180, "end_to_end": 180}
+PARTS = ("receive", "inference", "end_to_end", "end_to_end_4mp", "end_to_end_1mp")
+# The end-to-end part at other photo sizes (how cost grows): the same script, another --size.
+E2E_SIZES = {"end_to_end": "12mp", "end_to_end_4mp": "4mp", "end_to_end_1mp": "1mp"}
+# Seconds each part may run (full mode); the end-to-end parts hold their own backlog budget.
+TIME_LIMITS = {
+    "receive": 1200,
+    "inference": 1500,
+    "end_to_end": 3000,
+    "end_to_end_4mp": 2000,
+    "end_to_end_1mp": 1500,
+}
+SHORT_TIME_LIMITS = {
+    "receive": 120,
+    "inference": 180,
+    "end_to_end": 180,
+    "end_to_end_4mp": 180,
+    "end_to_end_1mp": 180,
+}
 
 
 def run_part(
@@ -49,7 +63,10 @@ def run_part(
 ) -> dict[str, Any]:
     """Run ``python -m bench.<part>`` with a time limit; its JSON result, or an error record."""
     with tempfile.NamedTemporaryFile(prefix=f"bench-{part}-", suffix=".json") as out:
-        argv = [sys.executable, "-m", f"bench.{part}", "--out", out.name, *extra]
+        module = "end_to_end" if part in E2E_SIZES else part
+        argv = [sys.executable, "-m", f"bench.{module}", "--out", out.name, *extra]
+        if part in E2E_SIZES and not short:
+            argv += ["--size", E2E_SIZES[part]]
         if short:
             argv.append("--short")
         started = time.time()
@@ -130,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_into(document, report.render(report.load(args.render)))
         print(f"bench: tables of {args.render} written into {document}")
         return 0
-    parts = [p for p in args.only.split(",") if p] or list(PARTS)
+    # a short run checks the harness once per script: the end-to-end part at one size
+    default_parts = [p for p in PARTS if not args.short or p not in E2E_SIZES or p == "end_to_end"]
+    parts = [p for p in args.only.split(",") if p] or default_parts
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part(s): {', '.join(unknown)}")
@@ -157,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for part in parts:
         extra: list[str] = []
         env: dict[str, str] = {}
-        if part == "end_to_end":
+        if part in E2E_SIZES:
             if args.e2e_model:
                 env["DERMPACS_BENCH_MODEL"] = args.e2e_model
             if args.e2e_backlog:

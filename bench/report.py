@@ -291,10 +291,14 @@ def inference_section(result: Mapping[str, Any]) -> list[str]:
 
 
 def end_to_end_section(result: Mapping[str, Any]) -> list[str]:
-    lines = ["### End to end: storescu → dermpacs → Orthanc", ""]
     if "error" in result:
-        return lines + [f"Not measured: {result['error']}", ""]
+        return ["### End to end: storescu → dermpacs → Orthanc", ""] + [
+            f"Not measured: {result['error']}",
+            "",
+        ]
     d = result["input"]
+    megapixels = d["columns"] * d["rows"] / 1e6
+    lines = [f"### End to end ({megapixels:.0f} MP): storescu → dermpacs → Orthanc", ""]
     lines += [
         f"Networks: {result['model']}. Photos: {d['columns']}x{d['rows']} camera JPEG "
         f"({d['file_bytes'] / 1e6:.1f} MB), each in its own study, one storescu association "
@@ -399,8 +403,9 @@ def render(results: Mapping[str, Any]) -> str:
         lines += receive_section(parts["receive"])
     if "inference" in parts:
         lines += inference_section(parts["inference"])
-    if "end_to_end" in parts:
-        lines += end_to_end_section(parts["end_to_end"])
+    for name in ("end_to_end_1mp", "end_to_end_4mp", "end_to_end"):
+        if name in parts:
+            lines += end_to_end_section(parts[name])
     lines += gpu_section(parts.get("gpu"))
     lines += [END]
     return "\n".join(lines) + "\n"
