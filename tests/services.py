@@ -447,12 +447,20 @@ def send_photos(
                 assoc.release()
 
     chunks = [list(files[i::associations]) for i in range(associations)]
-    threads = [threading.Thread(target=one_association, args=(c,)) for c in chunks]
+    in_threads(one_association, chunks, timeout=600)
+    return statuses
+
+
+def in_threads(target: Callable[[Any], None], arguments: Sequence[Any], *, timeout: float) -> None:
+    """Call ``target(a)`` for each ``a`` of ``arguments``, each in its own thread, all at once;
+    return when all have ended (or ``timeout`` seconds per thread have passed)."""
+    import threading
+
+    threads = [threading.Thread(target=target, args=(argument,)) for argument in arguments]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(600)
-    return statuses
+        thread.join(timeout)
 
 
 def record_figures(name: str, figures: Mapping[str, Any]) -> None:

@@ -33,11 +33,7 @@ def submit_together(batcher: Batcher, items: list) -> dict:
         except Exception as exc:
             outcome[item] = exc
 
-    threads = [threading.Thread(target=one, args=(item,)) for item in items]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    services.in_threads(one, items, timeout=30)
     return outcome
 
 
@@ -100,11 +96,7 @@ def test_the_analyser_gives_a_batched_photo_the_result_it_gets_alone(tmp_path):
     def analyse(index: int) -> None:
         results[index] = batched.analyse(photos[index])
 
-    threads = [threading.Thread(target=analyse, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    services.in_threads(analyse, range(3), timeout=120)
     assert batched.batcher.batches_run == 1 and batched.batcher.largest_batch == 3
     for index, photo in enumerate(photos):
         expected = alone.analyse(photo)

@@ -19,6 +19,7 @@ from dermpacs.imaging.sopclasses import DERMOSCOPIC_PHOTOGRAPHY_IMAGE, VL_PHOTOG
 from dermpacs.intake import Spool
 from dermpacs.intake.listener import Listener
 from dermpacs.jobs import JobState, JobStore, make_engine
+from tests import services
 from tests.test_intake_admission import photo
 
 MODEL = "test-model"
@@ -153,11 +154,7 @@ def test_concurrent_associations_all_arrive(harness):
         with lock:
             results.extend(s.Status for s in statuses)
 
-    threads = [threading.Thread(target=send, args=(datasets[i::4],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    services.in_threads(send, [datasets[i::4] for i in range(4)], timeout=60)
     assert results == [0] * 12
     assert {j.sop_instance_uid for j in harness.store.list_jobs()} == {
         d.SOPInstanceUID for d in datasets

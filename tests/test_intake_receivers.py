@@ -104,11 +104,7 @@ def test_associations_are_spread_over_the_processes_and_every_photo_is_recorded_
             statuses.extend(result)
 
     # six cameras at once: at most two associations per process when the load is even
-    threads = [threading.Thread(target=camera, args=(datasets[i::6],)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    services.in_threads(camera, [datasets[i::6] for i in range(6)], timeout=60)
     assert statuses == [0] * 24
 
     store = JobStore(make_engine(f"sqlite:///{tmp_path / 'var' / 'jobs.sqlite3'}"))

@@ -7,7 +7,6 @@ current code opens the store.
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
 import pytest
@@ -16,6 +15,7 @@ from sqlalchemy import Column, Index, Integer, MetaData, String, inspect, text
 from dermpacs.jobs import JobState, JobStore, ResultKind, make_engine
 from dermpacs.jobs.models import Base
 from dermpacs.jobs.schema import SchemaUpgradeError, upgrade_schema
+from tests import services
 from tests.test_jobs_store import instance
 
 # The tables of the release before ``cancelled``; {serial} and {timestamp} per dialect.
@@ -260,11 +260,7 @@ def test_processes_starting_together_upgrade_once(database_url: str):
         except Exception as exc:  # pragma: no cover - the assertion shows it
             errors.append(exc)
 
-    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    services.in_threads(start, stores, timeout=60)
     try:
         assert errors == []
         assert sum(1 for r in reports if r.widened_constraints) == 1

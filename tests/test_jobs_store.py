@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import timedelta
 
@@ -24,6 +23,7 @@ from dermpacs.jobs import (
     requeue_unfinished,
 )
 from dermpacs.jobs.models import utc_now
+from tests import services
 
 MODEL = "seg-1.0+cls-1.0"
 
@@ -79,11 +79,7 @@ def test_concurrent_identical_stores_make_one_job(store: JobStore):
     def record(k: int) -> None:
         outcomes.append(store.record_received(instance(7, spool=f"/s/{k}"), model_version=MODEL))
 
-    threads = [threading.Thread(target=record, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    services.in_threads(record, range(6), timeout=60)
     assert len({o.job_id for o in outcomes}) == 1
     assert sum(o.created for o in outcomes) == 1
     assert store.counts_by_state()[JobState.RECEIVED] == 1
