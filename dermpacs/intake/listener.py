@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
@@ -36,7 +37,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dermpacs.config import IntakeSettings, ListenerSettings
+from dermpacs.config import IntakeSettings, ListenerSettings, Settings
 from dermpacs.imaging.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, PHOTO_SOP_CLASSES
 from dermpacs.intake.admission import AdmissionRefused, StoreStatus, admit
 from dermpacs.intake.priority import PriorityRules
@@ -315,6 +316,31 @@ class Listener:
         self._servers: dict[str, GuardedAssociationServer] = {}
         self._below_watermark = False
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        store: JobStore,
+        model_version: str,
+        on_recorded: Callable[[int, str], None],
+        on_refused: RefusalHook | None = None,
+    ) -> Listener:
+        """The listener as the intake service and every receiving process run it: spool,
+        quarantine and priority rules from ``settings``."""
+        root = Path(settings.storage.root)
+        return cls(
+            settings.listener,
+            intake=settings.intake,
+            spool=Spool(root, min_free_bytes=settings.storage.min_free_mb * 2**20),
+            store=store,
+            model_version=model_version,
+            on_recorded=on_recorded,
+            quarantine=Quarantine(root, max_bytes=settings.intake.quarantine_max_mb * 2**20),
+            on_refused=on_refused,
+            priority_rules=PriorityRules.from_settings(settings.queues),
+        )
+
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         # Shared by the receiving processes (listener.processes): each serves its share.
@@ -342,6 +368,15 @@ class Listener:
         ]
 
     # -- running --------------------------------------------------------------------------
+
+    def _ports(self) -> list[tuple[str, int, ssl.SSLContext | None]]:
+        """The configured ports: kind ("plain", "tls"), number and TLS context."""
+        ports: list[tuple[str, int, ssl.SSLContext | None]] = []
+        if not self.settings.tls_only:
+            ports.append(("plain", self.settings.port, None))
+        if self.settings.tls_port:
+            ports.append(("tls", self.settings.tls_port, server_tls_context(self.settings)))
+        return ports
 
     def _serve(self, port: int, tls: ssl.SSLContext | None) -> GuardedAssociationServer:
         server = self.ae.make_server(
@@ -378,11 +413,8 @@ class Listener:
         OSError
             A port is taken, or a TLS certificate or key cannot be read.
         """
-        tls = server_tls_context(self.settings) if self.settings.tls_port else None
-        if not self.settings.tls_only:
-            self._servers["plain"] = self._serve(self.settings.port, None)
-        if tls is not None:
-            self._servers["tls"] = self._serve(self.settings.tls_port, tls)
+        for kind, port, tls in self._ports():
+            self._servers[kind] = self._serve(port, tls)
         for kind, server in self._servers.items():
             server.kind, server.hand_off, server.on_finished = kind, hand_off, on_finished
             host, port = server.server_address[:2]
@@ -402,14 +434,10 @@ class Listener:
 
     def adopt(self, *, on_finished: Callable[[], None] | None = None) -> None:
         """Serve connections another process accepted (:meth:`take`) instead of listening."""
-        kinds = [] if self.settings.tls_only else ["plain"]
-        tls = server_tls_context(self.settings) if self.settings.tls_port else None
-        if tls is not None:
-            kinds.append("tls")
-        for kind in kinds:
+        for kind, _port, tls in self._ports():
             server = self.ae.make_server(
                 (self.settings.host, 0),
-                ssl_context=tls if kind == "tls" else None,
+                ssl_context=tls,
                 evt_handlers=self.handlers,
                 server_class=AdoptingAssociationServer,
             )

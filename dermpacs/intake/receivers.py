@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dermpacs.config import Settings
@@ -308,24 +307,16 @@ def _receiver_main(
     if prepare is not None:
         prepare()
     from dermpacs.intake.listener import Listener
-    from dermpacs.intake.priority import PriorityRules
-    from dermpacs.intake.quarantine import Quarantine
-    from dermpacs.intake.spool import Spool
     from dermpacs.jobs.store import JobStore
 
     channel = _Channel(sock)
-    root = Path(settings.storage.root)
     store = JobStore.from_settings(settings, actor="listener")
-    listener = Listener(
-        settings.listener,
-        intake=settings.intake,
-        spool=Spool(root, min_free_bytes=settings.storage.min_free_mb * 2**20),
+    listener = Listener.from_settings(
+        settings,
         store=store,
         model_version=model_version,
         on_recorded=channel.recorded,
-        quarantine=Quarantine(root, max_bytes=settings.intake.quarantine_max_mb * 2**20),
         on_refused=channel.refused,
-        priority_rules=PriorityRules.from_settings(settings.queues),
     )
     listener.adopt(on_finished=lambda: channel.send({"finished": True}))
     channel.send({"ready": multiprocessing.current_process().pid})

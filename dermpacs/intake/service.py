@@ -10,16 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 
 from dermpacs.config import Settings
 from dermpacs.intake.listener import Listener
-from dermpacs.intake.priority import PriorityRules
-from dermpacs.intake.quarantine import Quarantine
 from dermpacs.intake.receivers import ReceiverPool
 from dermpacs.intake.recovery import recover_spooled
 from dermpacs.intake.refusals import RefusalLog
-from dermpacs.intake.spool import Spool
 from dermpacs.jobs.publisher import PeriodicReconciler, Publisher, PublisherProcess
 from dermpacs.jobs.reconcile import RequeueSummary, requeue_unfinished
 from dermpacs.jobs.store import JobStore
@@ -78,27 +74,18 @@ class IntakeService:
         self.publish_processing = publish_processing
         self.publish_dispatch = publish_dispatch
         self.store = store or JobStore.from_settings(settings, actor="listener")
-        self.spool = Spool(
-            Path(settings.storage.root), min_free_bytes=settings.storage.min_free_mb * 2**20
-        )
-        self.quarantine = Quarantine(
-            Path(settings.storage.root), max_bytes=settings.intake.quarantine_max_mb * 2**20
-        )
         self.model_version = model_version
         self.publisher = publisher or Publisher(self.store, publish_processing)
         self.refusals = RefusalLog(self.store.engine)
-        self.priority_rules = PriorityRules.from_settings(settings.queues)
-        self.listener = Listener(
-            settings.listener,
-            intake=settings.intake,
-            spool=self.spool,
+        self.listener = Listener.from_settings(
+            settings,
             store=self.store,
             model_version=model_version,
             on_recorded=self.publisher.submit,
-            quarantine=self.quarantine,
             on_refused=self.refusals.record,
-            priority_rules=self.priority_rules,
         )
+        self.spool = self.listener.spool
+        self.priority_rules = self.listener.priority_rules
         self.receivers = (
             ReceiverPool(
                 settings,
