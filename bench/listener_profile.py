@@ -2,7 +2,7 @@
 
 The listener runs here exactly as ``dermpacs listen`` runs it (same settings, Redis broker,
 publisher and reconciler threads), with timers wrapped around each step of the C-STORE handler:
-reading the received data set, admission, the job-store look-up, the spool write with its
+opening the spool file as the data set starts to arrive, admission, the spool commit with its
 fsyncs, the job row's commit, and the handler as a whole. dcmtk ``storescu`` sends the burst
 from another process. Time per photo that is not in the handler is pynetdicom receiving the
 PDUs (and the response going back), plus waiting for the GIL that the publisher thread holds.
@@ -143,6 +143,7 @@ def profile_listener(
     from dermpacs.config import Settings
     from dermpacs.intake import listener as listener_module
     from dermpacs.intake.service import IntakeService
+    from dermpacs.intake.spool import IncomingFile
     from dermpacs.jobs.publisher import PublisherProcess
     from dermpacs.processing import model_version
     from workers.app import (
@@ -173,6 +174,7 @@ def profile_listener(
     flush_redis()
     configure(settings)
     original_admit = listener_module.admit
+    original_commit = IncomingFile.commit
     listener_module.admit = times.wrap("admit (header checks)", original_admit)  # type: ignore[assignment]
     try:
         threaded = variant in ("publisher-thread", "no-mark-queued")
@@ -187,7 +189,7 @@ def profile_listener(
             publisher=None if threaded else PublisherProcess(settings, processing_publisher),
         )
         listener = service.listener
-        store, spool = listener.store, listener.spool
+        store = listener.store
         record_received = store.record_received
         if variant == "synchronous-row":
 
@@ -204,11 +206,12 @@ def profile_listener(
         )
         if variant == "no-mark-queued":
             store.mark_queued = lambda job_ids, **_kwargs: len(list(job_ids))  # type: ignore[method-assign]
-        spool.spool_received_instance = times.wrap(  # type: ignore[method-assign]
-            "spool write + fsync + rename + dir fsync", spool.spool_received_instance
+        # Written as the fragments arrive (reader thread); the handler commits it.
+        listener._open_incoming = times.wrap(  # type: ignore[method-assign]
+            "open spool file + write file meta (reader thread)", listener._open_incoming
         )
-        listener._encoded_with_meta = times.wrap(  # type: ignore[method-assign]
-            "read received data set (with file meta)", listener._encoded_with_meta
+        IncomingFile.commit = times.wrap(  # type: ignore[method-assign]
+            "spool commit: fsync of the tail + rename + dir fsync", original_commit
         )
         listener.handle_store = times.wrap("whole C-STORE handler", listener.handle_store)  # type: ignore[method-assign]
         service.start()
@@ -220,6 +223,7 @@ def profile_listener(
         service.stop()
     finally:
         listener_module.admit = original_admit  # type: ignore[assignment]
+        IncomingFile.commit = original_commit  # type: ignore[method-assign]
         flush_redis()
         shutil.rmtree(root, ignore_errors=True)
     steps = times.summary()

@@ -205,6 +205,57 @@ def test_a_failed_spool_write_leaves_nothing(tmp_path, monkeypatch):
     assert list((tmp_path / "spool").rglob("*.dcm")) == []
 
 
+def test_an_incoming_file_is_written_as_it_arrives_and_committed_whole(tmp_path, monkeypatch):
+    from dermpacs.intake import spool as spool_module
+
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        spool_module, "start_writeback", lambda fd, offset, length: started.append((offset, length))
+    )
+    spool = Spool(tmp_path)
+    incoming = spool.open_incoming()
+    piece = bytes(range(256)) * 1024  # 256 KiB
+    for _ in range(6):
+        incoming.write(piece)
+    # write-back was started for each 512 KiB as it arrived, before the commit
+    assert started == [(0, 2**19), (2**19, 2**19), (2**20, 2**19)]
+    assert incoming.path.parent.name == ".incoming" and incoming.path.stat().st_size == 6 * 2**18
+    path = incoming.commit("1.2.6")
+    assert path.read_bytes() == piece * 6 and path.name.startswith("1.2.6.")
+    assert list((tmp_path / "spool" / ".incoming").iterdir()) == []
+    incoming.discard()  # after the commit: nothing happens
+    assert path.exists()
+
+
+def test_a_failed_incoming_write_is_kept_and_the_rest_ignored(tmp_path, monkeypatch):
+    spool = Spool(tmp_path)
+    incoming = spool.open_incoming()
+    incoming.write(b"first part")
+
+    def no_space(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", no_space)
+    assert incoming.write(b"second part") == len(b"second part")  # the sender's bytes are read
+    monkeypatch.undo()
+    assert incoming.write(b"third part") == len(b"third part")
+    assert isinstance(incoming.error, SpoolError) and not incoming.path.exists()
+    with pytest.raises(SpoolError, match="No space left"):
+        incoming.commit("1.2.7")
+    assert list((tmp_path / "spool").rglob("*.dcm")) == []
+
+
+def test_an_incoming_file_that_crosses_the_watermark_is_refused_at_commit(tmp_path, monkeypatch):
+    spool = Spool(tmp_path, min_free_bytes=2**20)
+    incoming = spool.open_incoming()
+    incoming.write(b"photo")
+    monkeypatch.setattr(Spool, "free_bytes", lambda self: 2**19)  # the disk filled meanwhile
+    with pytest.raises(SpoolError, match="min_free_mb"):
+        incoming.commit("1.2.8")
+    assert list((tmp_path / "spool").rglob("*.part")) == []
+    assert list((tmp_path / "spool").rglob("*.dcm")) == []
+
+
 def test_stale_partial_files_are_cleared_at_start_up(tmp_path):
     spool = Spool(tmp_path)
     stale = tmp_path / "spool" / ".incoming" / "old.part"

@@ -287,6 +287,81 @@ def test_a_large_photo_arrives_intact_over_many_pdus(tmp_path):
     assert dcmread(spooled).PixelData == pixels.tobytes()
 
 
+def test_the_data_set_is_spooled_while_it_arrives_not_gathered_in_memory(tmp_path, monkeypatch):
+    """Each fragment goes to the spool's incoming file as it arrives, write-back starting on
+    the way; the handler finds the bytes there and an empty in-memory buffer."""
+    import numpy as np
+
+    from dermpacs.intake import spool as spool_module
+    from dermpacs.intake.arrival import ArrivingDataSet
+
+    started: list[int] = []
+    monkeypatch.setattr(
+        spool_module, "start_writeback", lambda fd, offset, length: started.append(offset)
+    )
+    h = Harness(tmp_path, max_pdu_size=16384)
+    seen: list[tuple[str, int, int]] = []
+    handle_store = h.listener.handle_store
+
+    def look(event):
+        data_set = event.request.DataSet
+        incoming = data_set.incoming
+        seen.append((type(data_set).__name__, len(data_set.getbuffer()), incoming.size))
+        return handle_store(event)
+
+    h.listener.handle_store = look  # bound by the server at the next association
+    h.listener.shutdown()
+    h.listener.start()
+    ds = photo(600, 800)
+    ds.PixelData = np.random.default_rng(3).integers(0, 256, 600 * 800 * 3, np.uint8).tobytes()
+    try:
+        (status,) = h.send(ds)
+        (spooled,) = h.spooled()
+    finally:
+        h.close()
+    assert status.Status == 0x0000
+    ((kind, in_memory, on_disk),) = seen
+    assert kind == ArrivingDataSet.__name__ and in_memory == 0
+    assert on_disk == spooled.stat().st_size and dcmread(spooled).PixelData == ds.PixelData
+    assert len(started) >= 2  # 1.4 MB: write-back began every 512 KiB, before the answer
+
+
+def test_an_association_aborted_mid_photo_leaves_no_incoming_file(harness):
+    """A camera that stops halfway through a photo: its incoming spool file existed while
+    the bytes arrived and is gone once the association has ended; nothing is recorded."""
+    import time
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    ds = photo(300, 400)
+    assoc = harness.associate([(VL_PHOTOGRAPHIC_IMAGE, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = io.BytesIO(encode(ds, False, True))  # explicit VR little endian
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id = assoc.accepted_contexts[0].context_id
+    fragments = list(message.encode_msg(context_id, 16384))
+    for fragment in fragments[: len(fragments) // 2]:  # the command and half the data set
+        assoc.dul.send_pdu(fragment)
+    incoming = harness.spool.root / ".incoming"
+    deadline = time.monotonic() + 10
+    while not list(incoming.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(incoming.iterdir()), "no incoming file while the data set arrived"
+    assoc.abort()
+    while list(incoming.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(incoming.iterdir()) == []
+    assert harness.spooled() == [] and harness.store.list_jobs() == []
+
+
 def test_bulk_read_socket_returns_what_arrived_when_the_peer_closes():
     import socket
 

@@ -14,6 +14,7 @@ import struct
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
@@ -77,31 +78,33 @@ def is_valid_uid(value: object) -> bool:
 
 
 def _check_pixel_data_element(
-    stream: io.BytesIO, transfer_syntax: UID, expected_native_length: int
+    stream: BinaryIO, transfer_syntax: UID, expected_native_length: int
 ) -> None:
     """Look at the Pixel Data element where the header parse stopped, without reading it."""
     start = stream.tell()
-    data = stream.getbuffer()
-    remaining = len(data) - start
-    if remaining < 8 or bytes(data[start : start + 4]) != _PIXEL_DATA_TAG:
+    end = stream.seek(0, io.SEEK_END)
+    stream.seek(start)
+    head = stream.read(16)  # tag, VR, length and the first item tag at most
+    remaining = end - start
+    if remaining < 8 or head[:4] != _PIXEL_DATA_TAG:
         raise AdmissionRefused(StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data")
     if transfer_syntax == ImplicitVRLittleEndian:
-        (length,) = struct.unpack_from("<I", data, start + 4)
-        value_start = start + 8
+        (length,) = struct.unpack_from("<I", head, 4)
+        value_start = 8
     else:
-        vr = bytes(data[start + 4 : start + 6])
+        vr = head[4:6]
         if vr in _LONG_VRS:
             if remaining < 12:
                 raise AdmissionRefused(StoreStatus.CANNOT_UNDERSTAND, "Pixel Data truncated")
-            (length,) = struct.unpack_from("<I", data, start + 8)
-            value_start = start + 12
+            (length,) = struct.unpack_from("<I", head, 8)
+            value_start = 12
         else:
-            (length,) = struct.unpack_from("<H", data, start + 6)
-            value_start = start + 8
-    available = len(data) - value_start
+            (length,) = struct.unpack_from("<H", head, 6)
+            value_start = 8
+    available = remaining - value_start
     if transfer_syntax.is_compressed:
         # Encapsulated (PS3.5 A.4): undefined length, then items (offset table first).
-        if length != _UNDEFINED_LENGTH or bytes(data[value_start : value_start + 4]) != _ITEM_TAG:
+        if length != _UNDEFINED_LENGTH or head[value_start : value_start + 4] != _ITEM_TAG:
             raise AdmissionRefused(
                 StoreStatus.CANNOT_UNDERSTAND, "Pixel Data is not encapsulated as its syntax says"
             )
@@ -185,7 +188,7 @@ def _positive_int(image: dict[str, object], keyword: str) -> int:
 
 
 def admit(
-    encoded: bytes,
+    encoded: bytes | BinaryIO,
     *,
     affected_sop_class_uid: str,
     affected_sop_instance_uid: str,
@@ -199,8 +202,8 @@ def admit(
     Parameters
     ----------
     encoded
-        The data set as received, with file meta information
-        (``event.encoded_dataset(include_meta=True)``).
+        The data set as received, with file meta information, as bytes or as a binary file
+        positioned at its start (the spool file as it arrived).
     affected_sop_class_uid, affected_sop_instance_uid
         From the C-STORE request.
     transfer_syntax_uid
@@ -229,7 +232,7 @@ def admit(
             f"SOP class {affected_sop_class_uid} is not a photograph class",
         )
     syntax = UID(transfer_syntax_uid)
-    stream = io.BytesIO(encoded)
+    stream = io.BytesIO(encoded) if isinstance(encoded, bytes | bytearray) else encoded
     try:
         header = dcmread(stream, stop_before_pixels=True)
         _check_complete(header)

@@ -25,14 +25,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -40,9 +42,15 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from dermpacs.config import IntakeSettings, ListenerSettings, Settings
 from dermpacs.imaging.sopclasses import ACCEPTED_TRANSFER_SYNTAXES, PHOTO_SOP_CLASSES
 from dermpacs.intake.admission import AdmissionRefused, StoreStatus, admit
+from dermpacs.intake.arrival import (
+    ArrivingDataSet,
+    OpenIncoming,
+    discard_unanswered,
+    spool_on_arrival,
+)
 from dermpacs.intake.priority import PriorityRules
 from dermpacs.intake.quarantine import Quarantine, QuarantineRecord
-from dermpacs.intake.spool import Spool, SpoolError, SpoolFullError
+from dermpacs.intake.spool import IncomingFile, Spool, SpoolError, SpoolFullError
 from dermpacs.jobs.models import LEGACY_PRIORITY, JobState
 from dermpacs.jobs.store import JobStore, ReceivedInstance
 
@@ -143,7 +151,10 @@ class BulkReadSocket(AssociationSocket):
 
 
 class BulkReadRequestHandler(RequestHandler):
-    """pynetdicom's request handler with :class:`BulkReadSocket` for each association."""
+    """pynetdicom's request handler with :class:`BulkReadSocket` for each association, whose
+    C-STORE data sets are spooled as they arrive (:mod:`dermpacs.intake.arrival`)."""
+
+    assoc: Any = None
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
@@ -151,7 +162,16 @@ class BulkReadRequestHandler(RequestHandler):
         # bulk ``recv`` (no state of its own), so re-classing it keeps everything else as is.
         assoc.dul.socket.__class__ = BulkReadSocket
         assoc.dul._run_loop_delay = 0  # BulkReadSocket.ready waits for data instead
+        spool_on_arrival(assoc, getattr(self.server, "open_incoming", None))
+        self.assoc = assoc
         return assoc
+
+    def handle(self) -> None:
+        super().handle()  # starts the association's own thread
+        # This request's thread lasts as long as the association: the server's on_finished
+        # is called once it has ended, and spool files of photos it never answered go.
+        self.assoc.join()
+        discard_unanswered(self.assoc)
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):
@@ -170,6 +190,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     hand_off: Callable[[socket.socket, Any, str], bool] | None = None
     # Called when an association served here has ended.
     on_finished: Callable[[], None] | None = None
+    # Opens the spool file of each arriving C-STORE data set (Listener._open_incoming).
+    open_incoming: OpenIncoming | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", BulkReadRequestHandler)
@@ -388,6 +410,7 @@ class Listener:
         assert isinstance(server, GuardedAssociationServer)
         server.allowed_networks = self.networks
         server.handshake_timeout = self.settings.acse_timeout
+        server.open_incoming = self._open_incoming
         # As AE.start_server(block=False) does, so that AE.shutdown() stops it too.
         thread = threading.Thread(
             target=server.serve_forever, name=f"dermpacs-acceptor-{port}", daemon=True
@@ -443,6 +466,7 @@ class Listener:
             )
             assert isinstance(server, AdoptingAssociationServer)
             server.handshake_timeout = self.settings.acse_timeout
+            server.open_incoming = self._open_incoming
             server.kind, server.on_finished = kind, on_finished
             self._servers[kind] = server
 
@@ -527,60 +551,102 @@ class Listener:
         )
         return _status(status, reason)
 
-    def _encoded_with_meta(self, event: Event, caller: str) -> bytes:
-        """The data set as sent, behind a preamble and file meta information that also names
-        the sender and this listener (PS3.10 7.1: (0002,0017), (0002,0018)); spool recovery
+    def _file_header(
+        self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, caller: str
+    ) -> bytes:
+        """Preamble and file meta information put before the data set as sent, naming the
+        sender and this listener (PS3.10 7.1: (0002,0017), (0002,0018)); spool recovery
         reads the caller from there."""
-        meta = event.file_meta
+        meta = create_file_meta(
+            sop_class_uid=UID(sop_class_uid),
+            sop_instance_uid=UID(sop_instance_uid),
+            transfer_syntax=UID(transfer_syntax_uid),
+        )
         meta.SendingApplicationEntityTitle = caller
         meta.ReceivingApplicationEntityTitle = self.settings.ae_title
-        data = cast(BytesIO, cast(C_STORE, event.request).DataSet)
-        return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), data.getbuffer()))
+        return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+
+    def _open_incoming(self, message: DIMSEMessage, assoc: Association) -> IncomingFile:
+        """The spool file of a C-STORE whose data set is arriving, its header written
+        (:mod:`dermpacs.intake.arrival`)."""
+        command = message.command_set
+        context = next(cx for cx in assoc.accepted_contexts if cx.context_id == message.context_id)
+        header = self._file_header(
+            str(command.AffectedSOPClassUID),
+            str(command.AffectedSOPInstanceUID),
+            str(context.transfer_syntax[0]),
+            assoc.requestor.ae_title,
+        )
+        incoming = self.spool.open_incoming()
+        incoming.write(header)
+        return incoming
+
+    def _refuse_spool(self, exc: SpoolError, sop_instance_uid: str, caller: str) -> Dataset:
+        if isinstance(exc, SpoolFullError):
+            if not self._below_watermark:
+                logger.error("intake refused until free space returns: %s", exc)
+            self._below_watermark = True
+        return self._refuse(StoreStatus.OUT_OF_RESOURCES, str(exc), sop_instance_uid, caller)
 
     def handle_store(self, event: Event) -> Dataset:
-        """Admit, spool, record; answer success only when all three are done."""
-        started = time.perf_counter()
+        """Admit, spool, record; answer success only when all three are done.
+
+        The data set is already in the spool's incoming folder, written as it arrived
+        (:mod:`dermpacs.intake.arrival`); whatever the answer, it leaves that folder.
+        """
         request = cast(C_STORE, event.request)
         caller = event.assoc.requestor.ae_title
-        sop_class = str(request.AffectedSOPClassUID)
         sop_instance = str(request.AffectedSOPInstanceUID)
-        syntax = str(event.context.transfer_syntax)
-        try:
-            encoded = self._encoded_with_meta(event, caller)
-        except Exception as exc:
-            raw = request.DataSet.getvalue() if request.DataSet is not None else None
+        arriving = request.DataSet
+        if not isinstance(arriving, ArrivingDataSet) or arriving.incoming is None:
+            error = getattr(arriving, "error", None)
+            if isinstance(error, SpoolError):
+                return self._refuse_spool(error, sop_instance, caller)
+            raw = arriving.getvalue() if arriving is not None else None
             return self._refuse(
                 StoreStatus.CANNOT_UNDERSTAND,
-                f"unreadable: {type(exc).__name__}",
+                f"unreadable: {type(error).__name__ if error else 'not spooled on arrival'}",
                 sop_instance,
                 caller,
                 event=event,
                 data=raw,
             )
         try:
-            admitted = admit(
-                encoded,
-                affected_sop_class_uid=sop_class,
-                affected_sop_instance_uid=sop_instance,
-                transfer_syntax_uid=syntax,
-                accepted_sop_classes=self.sop_classes,
-                max_megapixels=self.intake.max_megapixels,
-                keywords=self.priority_rules.keywords,
-            )
+            return self._take(event, arriving.incoming, caller)
+        finally:
+            arriving.incoming.discard()  # refused or failed: nothing left (committed: no-op)
+
+    def _take(self, event: Event, incoming: IncomingFile, caller: str) -> Dataset:
+        started = time.perf_counter()
+        request = cast(C_STORE, event.request)
+        sop_class = str(request.AffectedSOPClassUID)
+        sop_instance = str(request.AffectedSOPInstanceUID)
+        if incoming.error is not None:
+            return self._refuse_spool(incoming.error, sop_instance, caller)
+        try:
+            with open(incoming.path, "rb") as received:
+                admitted = admit(
+                    received,
+                    affected_sop_class_uid=sop_class,
+                    affected_sop_instance_uid=sop_instance,
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    accepted_sop_classes=self.sop_classes,
+                    max_megapixels=self.intake.max_megapixels,
+                    keywords=self.priority_rules.keywords,
+                )
         except AdmissionRefused as refusal:
             return self._refuse(
-                refusal.status, refusal.reason, sop_instance, caller, event=event, data=encoded
+                refusal.status,
+                refusal.reason,
+                sop_instance,
+                caller,
+                event=event,
+                data=incoming.path.read_bytes(),
             )
-
         try:
-            path = self.spool.spool_received_instance(encoded, admitted.sop_instance_uid)
-        except SpoolFullError as exc:
-            if not self._below_watermark:
-                logger.error("intake refused until free space returns: %s", exc)
-            self._below_watermark = True
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES, str(exc), sop_instance, caller)
+            path = incoming.commit(admitted.sop_instance_uid)
         except SpoolError as exc:
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES, str(exc), sop_instance, caller)
+            return self._refuse_spool(exc, sop_instance, caller)
         if self._below_watermark:
             self._below_watermark = False
             logger.info("free space above storage.min_free_mb again: intake resumed")

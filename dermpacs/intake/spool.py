@@ -1,7 +1,8 @@
 """The spool: received bytes on disk before the C-STORE is answered.
 
-Each instance is written to a temporary file, fsync'd, renamed into place and its folder
-fsync'd, so that after a crash a spool file is either complete or absent. The bytes are the
+Each instance is written to a file in the incoming folder as its bytes arrive, fsync'd,
+renamed into place and its folder fsync'd, so that after a crash a spool file is either
+complete or absent. The bytes are the
 ones the sender sent (file meta information added), never re-encoded.
 """
 
@@ -14,7 +15,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from dermpacs.durable import fsync_directory
+from dermpacs.durable import fsync_directory, start_writeback
 
 SPOOL_DIRNAME = "spool"
 _INCOMING = ".incoming"
@@ -73,6 +74,41 @@ class Spool:
             self._known_dirs.add(day)
         return day
 
+    def check_room(self, size: int = 0) -> None:
+        """Raise :class:`SpoolFullError` when ``size`` more bytes would cross the watermark."""
+        if self.min_free_bytes > 0:  # 0: no watermark, only the disk's own limit
+            free = self.free_bytes()
+            if free - size < self.min_free_bytes:
+                raise SpoolFullError(free, self.min_free_bytes)
+
+    def open_incoming(self, expected_size: int = 0) -> IncomingFile:
+        """A new file in the spool's incoming folder, to be written as the bytes arrive.
+
+        ``expected_size``, when known, is checked against the watermark now; the file's
+        final size is checked again when it is committed.
+
+        Raises
+        ------
+        SpoolFullError
+            Free space is already below the watermark.
+        SpoolError
+            The file cannot be created.
+        """
+        self.check_room(expected_size)
+        return IncomingFile(self, self._incoming / f"{uuid.uuid4().hex[:12]}.part")
+
+    def _commit(self, incoming: IncomingFile, sop_instance_uid: str) -> Path:
+        """Rename a complete, fsync'd incoming file into today's folder, durably."""
+        day = self._day_dir()
+        final = day / f"{sop_instance_uid}.{incoming.path.stem}.dcm"
+        os.replace(incoming.path, final)
+        try:
+            fsync_directory(day)
+        except OSError:
+            final.unlink(missing_ok=True)  # not durable: the C-STORE is refused
+            raise
+        return final
+
     def spool_received_instance(self, encoded: bytes, sop_instance_uid: str) -> Path:
         """Write ``encoded`` durably and return its path.
 
@@ -86,26 +122,9 @@ class Spool:
         SpoolError
             The write failed, a full disk included (nothing is left behind).
         """
-        if self.min_free_bytes > 0:  # 0: no watermark, only the disk's own limit
-            free = self.free_bytes()
-            if free - len(encoded) < self.min_free_bytes:
-                raise SpoolFullError(free, self.min_free_bytes)
-        token = uuid.uuid4().hex[:12]
-        partial = self._incoming / f"{token}.part"
-        try:
-            with open(partial, "wb") as handle:
-                handle.write(encoded)
-                handle.flush()
-                os.fsync(handle.fileno())
-            day = self._day_dir()
-            final = day / f"{sop_instance_uid}.{token}.dcm"
-            os.replace(partial, final)
-            fsync_directory(day)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink()
-            raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
-        return final
+        incoming = self.open_incoming(len(encoded))
+        incoming.write(encoded)
+        return incoming.commit(sop_instance_uid)
 
     def files_since(self, since: datetime | None) -> list[Path]:
         """Spooled instances written at or after ``since`` (all of them for None), oldest first.
@@ -144,3 +163,99 @@ class Spool:
                     partial.unlink()
                     removed += 1
         return removed
+
+
+class IncomingFile:
+    """A spool file written while its bytes arrive, committed once they are all there.
+
+    Each :meth:`write` goes to the file at once, and every :attr:`WRITEBACK_STEP` bytes the
+    kernel is asked to start writing them to the disk (:func:`start_writeback`), so that the
+    ``fsync`` in :meth:`commit` waits only for the last part: for a 12-MP photo arriving
+    over 15 ms, that ``fsync`` and the rename took 1-2 ms instead of 15 here
+    (docs/benchmarks.md). Until :meth:`commit`, the file lies in the incoming folder, which
+    start-up clears; :meth:`discard` removes it at once.
+
+    A failed write keeps the error (:attr:`error`), removes the file and ignores what comes
+    after, so that the sender's remaining bytes are still read and the C-STORE is answered
+    with a status instead of a broken association.
+    """
+
+    WRITEBACK_STEP = 512 * 1024
+
+    def __init__(self, spool: Spool, path: Path) -> None:
+        self.spool = spool
+        self.path = path
+        self.size = 0
+        self.error: SpoolError | None = None
+        self._flushed = 0  # bytes whose write-back has been started
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; returns its length (failures are kept in :attr:`error`)."""
+        if self._fd is None:
+            return len(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self._fail(exc)
+            return len(data)
+        self.size += len(data)
+        if self.size - self._flushed >= self.WRITEBACK_STEP:
+            start_writeback(self._fd, self._flushed, self.size - self._flushed)
+            self._flushed = self.size
+        return len(data)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = SpoolError(f"spool write failed: {exc.strerror or exc}")
+        self.discard()
+
+    def commit(self, sop_instance_uid: str) -> Path:
+        """fsync, rename into today's folder and fsync that folder; returns the final path.
+
+        Raises
+        ------
+        SpoolFullError
+            The written file leaves less free space than the watermark (the file is removed).
+        SpoolError
+            A write failed (before or now); nothing is left behind.
+        """
+        if self.error is not None:
+            raise self.error
+        if self._fd is None:
+            raise SpoolError("spool file already committed or discarded")
+        try:
+            os.fsync(self._fd)
+            self.spool.check_room()
+            final = self.spool._commit(self, sop_instance_uid)
+        except SpoolFullError:
+            self.discard()
+            raise
+        except OSError as exc:
+            self._fail(exc)
+            assert self.error is not None
+            raise self.error from exc
+        self._close()
+        return final
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Close and remove the file, unless it was committed or discarded before."""
+        if self._fd is not None:
+            self._close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    @property
+    def open(self) -> bool:
+        """Still being written: neither committed nor discarded."""
+        return self._fd is not None
