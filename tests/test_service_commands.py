@@ -99,3 +99,30 @@ def test_jobs_list_show_and_retry(config, tmp_path, capsys):
     assert main(["jobs", "--config", str(config), "retry", str(job_id)]) == 1
     assert "only a failed or cancelled job can be retried" in capsys.readouterr().out
     assert main(["jobs", "--config", str(config), "show", "999"]) == 1
+
+
+def test_quiet_libraries_unbinds_pynetdicoms_log_formatting_unless_verbose(monkeypatch):
+    """Unless verbose, associations made after quiet_libraries carry none of pynetdicom's
+    standard handlers (which format every PDU and message for a log that drops them)."""
+    import logging
+
+    from pydicom import config as pydicom_config
+    from pynetdicom import AE, _config, evt
+    from pynetdicom.association import Association
+
+    from dermpacs.commands.listen import quiet_libraries
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", _config.LOG_HANDLER_LEVEL)
+    for name in ("reading_validation_mode", "writing_validation_mode"):
+        monkeypatch.setattr(pydicom_config.settings, name, getattr(pydicom_config.settings, name))
+    for name in ("pynetdicom", "highdicom", "pydicom"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+
+    def bound(event):
+        return Association(AE(), "acceptor").get_handlers(event)
+
+    quiet_libraries(verbose=True)
+    assert bound(evt.EVT_PDU_RECV) and bound(evt.EVT_DIMSE_SENT)
+    quiet_libraries(verbose=False)
+    assert bound(evt.EVT_PDU_RECV) == [] and bound(evt.EVT_DIMSE_RECV) == []
+    assert logging.getLogger("pynetdicom").level == logging.WARNING

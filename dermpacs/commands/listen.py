@@ -46,6 +46,13 @@ def quiet_libraries(verbose: bool) -> None:
     if not verbose:
         for name in ("pynetdicom", "highdicom"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # pynetdicom's standard handlers describe every PDU and DIMSE message for its DEBUG
+        # and INFO log, formatting them (and copying a received data set to see whether it
+        # is empty) before the logger drops them; unbound, the listener spends that CPU on
+        # photos (associations made after this call).
+        from pynetdicom import _config as pynetdicom_config
+
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
 
 
 def start_intake(settings: Settings, *, verbose: bool = False) -> Any:
