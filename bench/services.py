@@ -187,9 +187,9 @@ class DermpacsListener(Receiver):
 
     name = "dermpacs"
     description = (
-        "dermpacs listen (spool written as the fragments arrive + fsync + rename + folder fsync, job row committed lazily "
-        "in SQLite WAL: the spool is the write-ahead log; task published to Redis by a child "
-        "process)"
+        "dermpacs listen (spool written as the fragments arrive + fsync + rename + folder "
+        "fsync, job row committed lazily in SQLite WAL: the spool is the write-ahead log; "
+        "task published to Redis by a child process)"
     )
 
     def __init__(
