@@ -13,19 +13,29 @@ and rename it into the spool.
 Other messages (C-ECHO has no data set) keep pynetdicom's in-memory buffer, and so does a
 C-STORE whose file could not be opened: the handler refuses it with the error kept in
 :attr:`ArrivingDataSet.error`, and what arrived stays available for the quarantine.
+
+Two encoders save the listener pydicom's general machinery for the two small things it
+writes per photo: the spool file's file meta information (:func:`file_header`) and the C-STORE
+response's command set (:func:`c_store_response_command`), each equal byte for byte to what
+pydicom and pynetdicom write (tests/test_intake_arrival.py); together about a tenth of the
+listener's CPU per 640x480 photo.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 from dermpacs.intake.spool import IncomingFile
 
@@ -36,6 +46,75 @@ _C_STORE_RQ = 0x0001  # (0000,0100) Command Field of a C-STORE request, PS3.7 E.
 # Opens the spool file of a C-STORE request whose command set has arrived (its SOP class,
 # instance and presentation context are known) and writes the file's header into it.
 OpenIncoming = Callable[[DIMSEMessage, Association], IncomingFile]
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    encoded = value.encode("ascii", "replace")
+    return encoded + pad if len(encoded) % 2 else encoded
+
+
+def _explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with a 2-byte length (PS3.5 7.1.2)."""
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def file_header(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    sending_ae_title: str,
+    receiving_ae_title: str,
+) -> bytes:
+    """Preamble, "DICM" and the file meta information (PS3.10 7.1) of a received instance.
+
+    The elements and values pynetdicom's ``create_file_meta`` gives (its implementation class
+    UID and version name), plus the sending and receiving AE titles (0002,0017), (0002,0018).
+    Characters outside ASCII are written as "?".
+    """
+    elements = b"".join(
+        (
+            struct.pack("<HH2s2sI", 0x0002, 0x0001, b"OB", b"", 2) + b"\x00\x01",
+            _explicit(0x0002, 0x0002, b"UI", _even(sop_class_uid, b"\x00")),
+            _explicit(0x0002, 0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
+            _explicit(0x0002, 0x0010, b"UI", _even(transfer_syntax_uid, b"\x00")),
+            _explicit(0x0002, 0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _explicit(0x0002, 0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+            _explicit(0x0002, 0x0017, b"AE", _even(sending_ae_title, b" ")),
+            _explicit(0x0002, 0x0018, b"AE", _even(receiving_ae_title, b" ")),
+        )
+    )
+    group_length = _explicit(0x0002, 0x0000, b"UL", struct.pack("<I", len(elements)))
+    return b"\x00" * 128 + b"DICM" + group_length + elements
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    """One implicit VR little endian element of the command group (PS3.7 6.3.1)."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def c_store_response_command(response: C_STORE) -> bytes | None:
+    """The encoded command set of a C-STORE response (PS3.7 9.3.1.2), or None when the
+    response carries more than its status and an error comment (pynetdicom encodes those)."""
+    if (
+        response.MessageIDBeingRespondedTo is None
+        or response.Status is None
+        or response.OffendingElement is not None
+        or response.AffectedSOPClassUID is None
+        or response.AffectedSOPInstanceUID is None
+    ):
+        return None
+    elements = [
+        _implicit(0x0002, _even(str(response.AffectedSOPClassUID), b"\x00")),
+        _implicit(0x0100, struct.pack("<H", 0x8001)),  # C-STORE-RSP
+        _implicit(0x0120, struct.pack("<H", response.MessageIDBeingRespondedTo)),
+        _implicit(0x0800, struct.pack("<H", 0x0101)),  # no data set
+        _implicit(0x0900, struct.pack("<H", response.Status)),
+    ]
+    if response.ErrorComment:
+        elements.append(_implicit(0x0902, _even(response.ErrorComment, b" ")))
+    elements.append(_implicit(0x1000, _even(str(response.AffectedSOPInstanceUID), b"\x00")))
+    body = b"".join(elements)
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
 
 class ArrivingDataSet(BytesIO):
@@ -84,6 +163,20 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
             self.message = DIMSEMessage()
             self.message.data_set = ArrivingDataSet(self.open_incoming, self.message, self.assoc)
         super().receive_primitive(primitive)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a C-STORE response encoded by :func:`c_store_response_command`; anything
+        else, or when a handler listens for EVT_DIMSE_SENT, as pynetdicom does."""
+        command = c_store_response_command(primitive) if isinstance(primitive, C_STORE) else None
+        fits = command is not None and (
+            self.maximum_pdu_size == 0 or len(command) + 6 <= self.maximum_pdu_size
+        )
+        if command is None or not fits or self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            super().send_msg(primitive, context_id)
+            return
+        p_data = P_DATA()
+        p_data.presentation_data_value_list.append((context_id, b"\x03" + command))  # last
+        self.dul.send_pdu(p_data)
 
     def discard_unfinished(self) -> None:
         """Remove the spool files of messages that never reached the handler: the one still

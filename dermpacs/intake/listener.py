@@ -29,12 +29,10 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -46,6 +44,7 @@ from dermpacs.intake.arrival import (
     ArrivingDataSet,
     OpenIncoming,
     discard_unanswered,
+    file_header,
     spool_on_arrival,
 )
 from dermpacs.intake.priority import PriorityRules
@@ -551,31 +550,18 @@ class Listener:
         )
         return _status(status, reason)
 
-    def _file_header(
-        self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, caller: str
-    ) -> bytes:
-        """Preamble and file meta information put before the data set as sent, naming the
-        sender and this listener (PS3.10 7.1: (0002,0017), (0002,0018)); spool recovery
-        reads the caller from there."""
-        meta = create_file_meta(
-            sop_class_uid=UID(sop_class_uid),
-            sop_instance_uid=UID(sop_instance_uid),
-            transfer_syntax=UID(transfer_syntax_uid),
-        )
-        meta.SendingApplicationEntityTitle = caller
-        meta.ReceivingApplicationEntityTitle = self.settings.ae_title
-        return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
-
     def _open_incoming(self, message: DIMSEMessage, assoc: Association) -> IncomingFile:
         """The spool file of a C-STORE whose data set is arriving, its header written
         (:mod:`dermpacs.intake.arrival`)."""
         command = message.command_set
         context = next(cx for cx in assoc.accepted_contexts if cx.context_id == message.context_id)
-        header = self._file_header(
+        # Names the sender and this listener: spool recovery reads the caller from there.
+        header = file_header(
             str(command.AffectedSOPClassUID),
             str(command.AffectedSOPInstanceUID),
             str(context.transfer_syntax[0]),
             assoc.requestor.ae_title,
+            self.settings.ae_title,
         )
         incoming = self.spool.open_incoming()
         incoming.write(header)
