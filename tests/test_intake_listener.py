@@ -381,6 +381,53 @@ def test_bulk_read_socket_returns_what_arrived_when_the_peer_closes():
         ours.close()
 
 
+def test_the_socket_waits_long_for_data_but_wakes_when_something_is_to_be_sent():
+    """ready waits up to wait_for_data for bytes, and returns at once when the DUL queues a
+    primitive to send (wake), so a C-STORE response does not wait out the select."""
+    import socket
+    import time
+
+    from dermpacs.intake.listener import BulkReadSocket
+
+    ours, theirs = socket.socketpair()
+    reader = BulkReadSocket.__new__(BulkReadSocket)
+    reader.socket, reader._is_connected = ours, True
+    reader.wait_for_data = 5.0
+    reader.open_wake_pipe()
+    try:
+        waker = threading.Timer(0.05, reader.wake)
+        waker.start()
+        started = time.monotonic()
+        assert reader.ready is False  # woken: nothing to read
+        assert time.monotonic() - started < 2.0
+        waker.join()
+        theirs.sendall(b"\x04")
+        assert reader.ready is True  # bytes to read, after the wake-up was drained
+    finally:
+        reader.close_wake_pipe()
+        ours.close()
+        theirs.close()
+    assert reader._wake_fds is None
+
+
+def test_associations_leave_no_file_descriptors_behind(harness):
+    import os
+    import time
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    harness.send(photo())  # first association: pools and caches settle
+    before = open_fds()
+    for _ in range(5):
+        (status,) = harness.send(photo())
+        assert status.Status == 0x0000
+    deadline = time.monotonic() + 10
+    while open_fds() > before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the last association's threads are ending
+    assert open_fds() <= before
+
+
 def test_the_intake_service_records_refusals_for_the_admin_page_and_metrics(tmp_path):
     from dermpacs.config import Settings
     from dermpacs.intake.refusals import RefusalLog

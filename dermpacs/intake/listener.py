@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import select
 import socket
 import ssl
@@ -33,6 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -112,24 +114,55 @@ class BulkReadSocket(AssociationSocket):
     the bytes asked for, or fewer when the peer closed the connection.
     """
 
-    # How long :attr:`ready` waits for bytes to arrive. pynetdicom's reactor asks with no wait
-    # and sleeps 1 ms whenever nothing had arrived yet; waiting in ``select`` instead wakes
-    # as soon as the next PDU's bytes are there (the reactor's own sleep is set to 0).
-    wait_for_data = 0.001
+    # How long :attr:`ready` waits in ``select`` for bytes to arrive or a primitive to be
+    # queued for sending (:meth:`wake`); either ends the wait at once. pynetdicom's reactor
+    # asks with no wait and sleeps 1 ms whenever nothing had arrived: with four associations
+    # that was 4000 wake-ups a second contending for the interpreter lock with the threads
+    # receiving photos (the reactor's own sleep is set to 0).
+    wait_for_data = 0.05
+    # Without a wake pipe (a socket not made by this listener's handler), or once closed.
+    short_wait = 0.001
+    _wake_fds: tuple[int, int] | None = None
+
+    def open_wake_pipe(self) -> None:
+        """The pipe that :meth:`wake` writes to and :attr:`ready` watches."""
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        self._wake_fds = (read_end, write_end)
+
+    def wake(self) -> None:
+        """End a wait in :attr:`ready` now: a primitive is queued for sending."""
+        if self._wake_fds is not None:
+            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                os.write(self._wake_fds[1], b"\0")
+
+    def close_wake_pipe(self) -> None:
+        fds, self._wake_fds = self._wake_fds, None
+        for fd in fds or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     @property
     def ready(self) -> bool:
         if self.socket is None or self._is_connected is False:
-            time.sleep(self.wait_for_data)  # closed: keep the reactor's pace, do not spin
+            time.sleep(self.short_wait)  # closed: keep the reactor's pace, do not spin
             return False
         if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
             return True  # TLS bytes already decrypted, which select cannot see
+        wake = self._wake_fds[0] if self._wake_fds is not None else None
+        watched: list[Any] = [self.socket] if wake is None else [self.socket, wake]
         try:
-            ready, _, _ = select.select([self.socket], [], [], self.wait_for_data)
+            ready, _, _ = select.select(
+                watched, [], [], self.short_wait if wake is None else self.wait_for_data
+            )
         except (OSError, TimeoutError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
-        return bool(ready)
+        if wake is not None and wake in ready:
+            with contextlib.suppress(OSError):
+                os.read(wake, 4096)
+        return self.socket in ready
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
@@ -149,6 +182,15 @@ class BulkReadSocket(AssociationSocket):
         return buffer
 
 
+class WakingDUL(DULServiceProvider):
+    """pynetdicom's DUL that wakes its socket's wait when a primitive is queued to send."""
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        if isinstance(self.socket, BulkReadSocket):
+            self.socket.wake()
+
+
 class BulkReadRequestHandler(RequestHandler):
     """pynetdicom's request handler with :class:`BulkReadSocket` for each association, whose
     C-STORE data sets are spooled as they arrive (:mod:`dermpacs.intake.arrival`)."""
@@ -160,6 +202,9 @@ class BulkReadRequestHandler(RequestHandler):
         # The socket pynetdicom made wraps this request's connection; it only gains the
         # bulk ``recv`` (no state of its own), so re-classing it keeps everything else as is.
         assoc.dul.socket.__class__ = BulkReadSocket
+        cast(BulkReadSocket, assoc.dul.socket).open_wake_pipe()
+        # ... and the DUL wakes it when there is something to send (WakingDUL).
+        assoc.dul.__class__ = WakingDUL
         assoc.dul._run_loop_delay = 0  # BulkReadSocket.ready waits for data instead
         spool_on_arrival(assoc, getattr(self.server, "open_incoming", None))
         self.assoc = assoc
@@ -170,7 +215,10 @@ class BulkReadRequestHandler(RequestHandler):
         # This request's thread lasts as long as the association: the server's on_finished
         # is called once it has ended, and spool files of photos it never answered go.
         self.assoc.join()
-        discard_unanswered(self.assoc)
+        discard_unanswered(self.assoc)  # also waits for the DUL thread to end
+        sock = self.assoc.dul.socket
+        if isinstance(sock, BulkReadSocket) and not self.assoc.dul.is_alive():
+            sock.close_wake_pipe()
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):

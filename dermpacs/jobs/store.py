@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -386,6 +387,12 @@ class JobStore:
         self.engine = engine
         self.actor = actor
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # SQLite lets one writer in at a time and makes the others poll with sleeps of 1, 2,
+        # 5, 10 ms and more (its busy handler); the listener's receiving threads queue here
+        # instead, and each goes in as soon as the one before commits.
+        self._intake_writer = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, *, actor: str = "dermpacs") -> JobStore:
@@ -492,7 +499,7 @@ class JobStore:
         key = idempotency_key(instance.sop_instance_uid, model_version)
         now = utc_now()
         sessions = self._session if synchronous_commit else self._lazy_commit_session
-        with sessions() as session:
+        with self._intake_writer, sessions() as session:
             # Two Core INSERTs of statements built once, with their values as parameters: this
             # runs once per received photo, inside the C-STORE handler; an ORM flush, or values
             # built into a new statement each time, cost several times the CPU (SQLAlchemy
@@ -576,7 +583,7 @@ class JobStore:
         if not ids:
             return 0
         sessions = self._session if synchronous_commit else self._lazy_commit_session
-        with sessions() as session:
+        with self._intake_writer, sessions() as session:
             jobs = session.execute(select(Job).where(Job.id.in_(ids)).with_for_update()).scalars()
             for job in jobs:
                 if job.state is JobState.RECEIVED:
