@@ -180,7 +180,7 @@ def run_receive(
             f"Redis does not answer at {redis_url()}: the dermpacs listener publishes tasks to it"
         )
     bursts = list(bursts or default_bursts(short=short))
-    repeats = repeats or (1 if short else 3)
+    repeats = repeats or (1 if short else 5)
     model = choose_model()
     own_dir = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix="dermpacs-bench-receive-"))
