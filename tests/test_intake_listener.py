@@ -267,29 +267,11 @@ def test_a_failing_refusal_hook_does_not_change_the_answer(harness, caplog):
     assert "could not report a refused C-STORE" in caplog.text
 
 
-def test_a_large_photo_arrives_intact_over_many_pdus(tmp_path):
-    """The listener reads each PDU into one buffer (BulkReadSocket): a 1.4 MB photo in 16 KB
-    PDUs (the listener's maximum here) must arrive byte for byte."""
-    import numpy as np
-
-    rng = np.random.default_rng(7)
-    pixels = rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)
-    ds = photo(600, 800)
-    ds.PixelData = pixels.tobytes()
-    h = Harness(tmp_path, max_pdu_size=16384)
-    h.listener.intake.max_megapixels = 1.0
-    try:
-        (status,) = h.send(ds)
-        (spooled,) = h.spooled()
-    finally:
-        h.close()
-    assert status.Status == 0x0000
-    assert dcmread(spooled).PixelData == pixels.tobytes()
-
-
-def test_the_data_set_is_spooled_while_it_arrives_not_gathered_in_memory(tmp_path, monkeypatch):
-    """Each fragment goes to the spool's incoming file as it arrives, write-back starting on
-    the way; the handler finds the bytes there and an empty in-memory buffer."""
+def test_a_large_photo_arrives_intact_spooled_while_it_arrives(tmp_path, monkeypatch):
+    """A 1.4 MB photo in 16 KB PDUs (the listener's maximum here; BulkReadSocket reads each
+    into one buffer) arrives byte for byte. Each fragment goes to the spool's incoming file as
+    it arrives, write-back starting on the way; the handler finds the bytes there and an empty
+    in-memory buffer."""
     import numpy as np
 
     from dermpacs.intake import spool as spool_module
