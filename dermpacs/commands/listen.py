@@ -42,17 +42,17 @@ def protect_patient_data() -> None:
 def quiet_libraries(verbose: bool) -> None:
     """pynetdicom logs every association and highdicom every copied module at INFO; keep
     their warnings only unless asked. Patient data stays out of the logs either way."""
+    from pynetdicom import _config as pynetdicom_config
+
     protect_patient_data()
+    # pynetdicom's standard handlers describe every PDU and DIMSE message for its DEBUG and
+    # INFO log, formatting them (and copying a received data set to see whether it is empty)
+    # before the logger drops them; unless verbose they are not bound, and the listener
+    # spends that CPU on photos (associations made after this call).
+    pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
     if not verbose:
         for name in ("pynetdicom", "highdicom"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        # pynetdicom's standard handlers describe every PDU and DIMSE message for its DEBUG
-        # and INFO log, formatting them (and copying a received data set to see whether it
-        # is empty) before the logger drops them; unbound, the listener spends that CPU on
-        # photos (associations made after this call).
-        from pynetdicom import _config as pynetdicom_config
-
-        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
 
 
 def start_intake(settings: Settings, *, verbose: bool = False) -> Any:
