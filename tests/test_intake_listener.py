@@ -69,6 +69,15 @@ class Harness:
         self.store.dispose()
 
 
+@pytest.fixture(autouse=True)
+def _as_the_service_runs(monkeypatch):
+    """As `dermpacs listen` runs (quiet_libraries): pynetdicom's standard log handlers
+    unbound."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+
+
 @pytest.fixture
 def harness(tmp_path):
     h = Harness(tmp_path)

@@ -639,7 +639,7 @@ class Listener:
             raw = arriving.getvalue() if arriving is not None else None
             return self._refuse(
                 StoreStatus.CANNOT_UNDERSTAND,
-                f"unreadable: {type(error).__name__ if error else 'not spooled on arrival'}",
+                f"unreadable: {type(error).__name__}" if error else "no data set",
                 sop_instance,
                 caller,
                 event=event,
