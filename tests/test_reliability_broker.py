@@ -72,11 +72,24 @@ def test_redis_killed_during_a_burst_loses_nothing(
         own_redis.start()
         back = time.monotonic()
 
+        exited: dict[int, int | None] = {}  # pid: exit status of each worker that died
+
+        def delivered_under_supervision():
+            # kombu can lose a worker whose broker drops while it restores an unacknowledged
+            # message ("Unrecoverable error", exit status 1, a known kombu race); deployed,
+            # systemd starts it again (Restart=on-failure, deploy/systemd/
+            # dermpacs-worker@.service), and so does this test.
+            for worker in list(stack.workers):
+                if not worker.alive() and worker.pid not in exited:
+                    exited[worker.pid] = worker.process.returncode
+                    stack.start_worker()
+            counts = store.counts_by_state()
+            return counts["delivered"] == BURST and counts
+
         counts = stack.wait(
-            lambda: (c := store.counts_by_state())["delivered"] == BURST and c,
-            timeout=300,
-            what=f"{BURST} jobs delivered",
+            delivered_under_supervision, timeout=300, what=f"{BURST} jobs delivered"
         )
+        assert all(code != 0 for code in exited.values()), exited  # systemd restarts failures
         recovered = time.monotonic() - back
         assert counts["failed"] == 0
         stack.wait(
@@ -101,6 +114,7 @@ def test_redis_killed_during_a_burst_loses_nothing(
                 "duplicates_in_pacs": duplicates,
                 "objects_sent_twice": sent_twice,
                 "all_delivered_after_redis_back_s": round(recovered, 1),
+                "workers_restarted": len(exited),
                 "whole_run_s": round(time.monotonic() - started, 1),
             },
         )
