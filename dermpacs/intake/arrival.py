@@ -17,8 +17,8 @@ C-STORE whose file could not be opened: the handler refuses it with the error ke
 Two encoders save the listener pydicom's general machinery for the two small things it
 writes per photo: the spool file's file meta information (:func:`file_header`) and the C-STORE
 response's command set (:func:`c_store_response_command`), each equal byte for byte to what
-pydicom and pynetdicom write (tests/test_intake_arrival.py); together about a tenth of the
-listener's CPU per 640x480 photo.
+pydicom and pynetdicom write (tests/test_intake_arrival.py); together 1.4 ms of the
+listener's 6-10 ms of CPU per 640x480 photo here.
 """
 
 from __future__ import annotations
