@@ -23,8 +23,6 @@ listener's 6-10 ms of CPU per 640x480 photo here.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import struct
 from collections.abc import Callable
 from io import BytesIO
@@ -38,8 +36,6 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from dermpacs.intake.spool import IncomingFile
-
-logger = logging.getLogger(__name__)
 
 _C_STORE_RQ = 0x0001  # (0000,0100) Command Field of a C-STORE request, PS3.7 E.1
 
@@ -149,8 +145,8 @@ class ArrivingDataSet(BytesIO):
 
     def discard(self) -> None:
         """Remove the spool file if it was never committed (an aborted association)."""
-        if self.incoming is not None and self.incoming.open:
-            self.incoming.discard()
+        if self.incoming is not None:
+            self.incoming.discard()  # nothing happens to a committed file
 
 
 class SpoolingDIMSEProvider(DIMSEServiceProvider):
@@ -182,8 +178,7 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
         """Remove the spool files of messages that never reached the handler: the one still
         arriving and those queued when the association ended."""
         pending = [self.message] if self.message is not None else []
-        with contextlib.suppress(IndexError):
-            pending += [item[1] for item in list(self.msg_queue.queue)]
+        pending += [item[1] for item in list(self.msg_queue.queue)]
         for message in pending:
             data_set = getattr(message, "data_set", None) or getattr(message, "DataSet", None)
             if isinstance(data_set, ArrivingDataSet):
@@ -201,19 +196,3 @@ def spool_on_arrival(assoc: Association, open_incoming: OpenIncoming | None) -> 
     assoc.dimse.__class__ = SpoolingDIMSEProvider
     assert isinstance(assoc.dimse, SpoolingDIMSEProvider)
     assoc.dimse.open_incoming = open_incoming
-
-
-def discard_unanswered(assoc: Association, wait: float = 5.0) -> None:
-    """Remove the spool files an ended association left unanswered (aborted mid-photo).
-
-    Called once the association's thread has ended; its DUL thread, which writes the
-    fragments, is given ``wait`` seconds to end too, and if it has not, nothing is touched
-    (start-up clears the incoming folder).
-    """
-    if not isinstance(assoc.dimse, SpoolingDIMSEProvider):
-        return
-    assoc.dul.join(wait)
-    if assoc.dul.is_alive():
-        logger.warning("association's reader still running: its incoming spool file is left")
-        return
-    assoc.dimse.discard_unfinished()

@@ -45,7 +45,7 @@ from dermpacs.intake.admission import AdmissionRefused, StoreStatus, admit
 from dermpacs.intake.arrival import (
     ArrivingDataSet,
     OpenIncoming,
-    discard_unanswered,
+    SpoolingDIMSEProvider,
     file_header,
     spool_on_arrival,
 )
@@ -215,10 +215,17 @@ class BulkReadRequestHandler(RequestHandler):
         # This request's thread lasts as long as the association: the server's on_finished
         # is called once it has ended, and spool files of photos it never answered go.
         self.assoc.join()
-        discard_unanswered(self.assoc)  # also waits for the DUL thread to end
-        sock = self.assoc.dul.socket
-        if isinstance(sock, BulkReadSocket) and not self.assoc.dul.is_alive():
-            sock.close_wake_pipe()
+        # Its reader thread writes the fragments and watches the wake pipe: once it has
+        # ended too, the files of photos never answered (aborted mid-photo) and the pipe go.
+        # If it does not end, nothing is touched (start-up clears the incoming folder).
+        dul = self.assoc.dul
+        dul.join(5.0)
+        if dul.is_alive():
+            logger.warning("association's reader still running: its incoming spool file is left")
+            return
+        if isinstance(self.assoc.dimse, SpoolingDIMSEProvider):
+            self.assoc.dimse.discard_unfinished()
+        cast(BulkReadSocket, dul.socket).close_wake_pipe()
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):
@@ -646,15 +653,15 @@ class Listener:
                 data=raw,
             )
         try:
-            return self._take(event, arriving.incoming, caller)
+            return self._take(event, arriving.incoming, caller, sop_instance)
         finally:
             arriving.incoming.discard()  # refused or failed: nothing left (committed: no-op)
 
-    def _take(self, event: Event, incoming: IncomingFile, caller: str) -> Dataset:
+    def _take(
+        self, event: Event, incoming: IncomingFile, caller: str, sop_instance: str
+    ) -> Dataset:
         started = time.perf_counter()
-        request = cast(C_STORE, event.request)
-        sop_class = str(request.AffectedSOPClassUID)
-        sop_instance = str(request.AffectedSOPInstanceUID)
+        sop_class = str(cast(C_STORE, event.request).AffectedSOPClassUID)
         if incoming.error is not None:
             return self._refuse_spool(incoming.error, sop_instance, caller)
         try:

@@ -165,6 +165,10 @@ class Spool:
         return removed
 
 
+def _write_failed(exc: OSError) -> SpoolError:
+    return SpoolError(f"spool write failed: {exc.strerror or exc}")
+
+
 class IncomingFile:
     """A spool file written while its bytes arrive, committed once they are all there.
 
@@ -191,7 +195,7 @@ class IncomingFile:
         try:
             self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
-            raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
+            raise _write_failed(exc) from exc
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append ``data``; returns its length (failures are kept in :attr:`error`)."""
@@ -211,7 +215,7 @@ class IncomingFile:
         return len(data)
 
     def _fail(self, exc: OSError) -> None:
-        self.error = SpoolError(f"spool write failed: {exc.strerror or exc}")
+        self.error = _write_failed(exc)
         self.discard()
 
     def commit(self, sop_instance_uid: str) -> Path:
@@ -254,8 +258,3 @@ class IncomingFile:
             self._close()
             with contextlib.suppress(OSError):
                 self.path.unlink()
-
-    @property
-    def open(self) -> bool:
-        """Still being written: neither committed nor discarded."""
-        return self._fd is not None
