@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -399,6 +401,24 @@ def test_the_socket_waits_long_for_data_but_wakes_when_something_is_to_be_sent()
         ours.close()
         theirs.close()
     assert reader._wake_fds is None
+
+
+def test_a_port_check_that_connects_and_closes_holds_no_association_slot(tmp_path):
+    """Load balancers and monitors check a port by connecting and closing. pynetdicom's
+    acceptor then waited acse_timeout (30 s) for an association request that cannot come,
+    holding one of max_associations: two checks turned the next camera away."""
+    h = Harness(tmp_path, max_associations=2)
+    try:
+        for _ in range(4):
+            socket.create_connection(("127.0.0.1", h.listener.port)).close()
+        deadline = time.monotonic() + 5  # far below acse_timeout
+        while h.listener.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert h.listener.ae.active_associations == []
+        (status,) = h.send(photo())
+        assert status.Status == 0x0000
+    finally:
+        h.close()
 
 
 def test_associations_leave_no_file_descriptors_behind(harness):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -121,6 +122,26 @@ def test_associations_are_spread_over_the_processes_and_every_photo_is_recorded_
     # the receiving processes served associations: the listening process alone served fewer
     assert service.listener.counters.stored < 24
     assert service.listener.counters.stored > 0
+
+
+def test_port_checks_leave_the_associations_spread_evenly(service):
+    """A monitor's bare TCP port check is handed to a process like any connection; it must
+    not count there once it has closed (pynetdicom's acceptor waited 30 s for its association
+    request, so the next cameras all went to the other processes)."""
+    for _ in range(3):  # one per process, handed out in turn
+        socket.create_connection(("127.0.0.1", service.port)).close()
+    wait_for(lambda: service.receivers.serving() == [0, 0, 0], timeout=5, what="checks ended")
+
+    ae = AE(ae_title="CAMERA")
+    ae.add_requested_context(VL_PHOTOGRAPHIC_IMAGE, [ExplicitVRLittleEndian])
+    held = [ae.associate("127.0.0.1", service.port, ae_title="DERMPACS") for _ in range(6)]
+    try:
+        assert all(a.is_established for a in held)
+        assert service.receivers.serving() == [2, 2, 2]
+    finally:
+        for assoc in held:
+            assoc.release()
+    wait_for(lambda: service.receivers.serving() == [0, 0, 0], timeout=10, what="all released")
 
 
 def test_a_refusal_in_a_receiving_process_reaches_the_refusal_log(service, tmp_path):

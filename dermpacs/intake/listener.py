@@ -36,6 +36,7 @@ from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
+from pynetdicom.fsm import StateMachine
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -191,6 +192,27 @@ class WakingDUL(DULServiceProvider):
             self.socket.wake()
 
 
+class AcceptorStateMachine(StateMachine):
+    """pynetdicom's DUL state machine, which tells the acceptor at once when the connection
+    ends before an association was requested.
+
+    A connection that closes without sending an A-ASSOCIATE-RQ (Sta2 + Evt17, AA-5) or whose
+    ARTIM timer expires (Sta2 + Evt18, AA-2) returns the DUL to Sta1, but pynetdicom's acceptor
+    keeps waiting ``acse_timeout`` (30 s) for the request that cannot come. Meanwhile the
+    connection counts against ``max_associations`` and, with ``listener.processes``, against
+    the process that took it: a load balancer's or monitor's TCP port check every second
+    turned real cameras away as over the limit. Putting ``None`` on the queue the acceptor
+    waits on is what pynetdicom does for a requestor's failed connection (pull request #618):
+    the acceptor ends as if its wait had timed out.
+    """
+
+    def transition(self, state: str) -> None:
+        never_requested = self.current_state == "Sta2" and state == "Sta1"
+        super().transition(state)
+        if never_requested:
+            self.dul.to_user_queue.put(None)
+
+
 class BulkReadRequestHandler(RequestHandler):
     """pynetdicom's request handler with :class:`BulkReadSocket` for each association, whose
     C-STORE data sets are spooled as they arrive (:mod:`dermpacs.intake.arrival`)."""
@@ -206,6 +228,7 @@ class BulkReadRequestHandler(RequestHandler):
         # ... and the DUL wakes it when there is something to send (WakingDUL).
         assoc.dul.__class__ = WakingDUL
         assoc.dul._run_loop_delay = 0  # BulkReadSocket.ready waits for data instead
+        assoc.dul.state_machine.__class__ = AcceptorStateMachine
         spool_on_arrival(assoc, getattr(self.server, "open_incoming", None))
         self.assoc = assoc
         return assoc

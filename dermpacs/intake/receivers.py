@@ -154,8 +154,16 @@ class ReceiverPool:
             chosen = min(turned, key=self._load)
             if chosen is None:
                 self._local_active += 1
+            else:
+                chosen.active += 1
+            logger.debug(
+                "association from %s: %s (serving %s)",
+                client_address[0],
+                "listening process" if chosen is None else f"receiving process {chosen.index}",
+                [self._local_active, *(s.active for s in self._slots)],
+            )
+            if chosen is None:
                 return False
-            chosen.active += 1
         header = json.dumps({"take": kind, "address": list(client_address)[:2]}).encode()
         try:
             with chosen.lock:
@@ -170,6 +178,12 @@ class ReceiverPool:
                 chosen.active = max(0, chosen.active - 1)
                 self._local_active += 1
             return False
+
+    def serving(self) -> list[int]:
+        """How many associations each process serves now: the listening process first, then
+        each receiving process in order."""
+        with self._choice:
+            return [self._local_active, *(s.active for s in self._slots)]
 
     def _load(self, slot: _Slot | None) -> int:
         return self._local_active if slot is None else slot.active
