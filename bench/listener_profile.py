@@ -120,6 +120,8 @@ VARIANTS = {
     "making that commit cheaper)",
     "synchronous-row": "what-if: the job row committed synchronously (SQLite synchronous=FULL), "
     "as before the spool became the write-ahead log",
+    "polling-reactor": "what-if: each association's reactor polls its message queue every "
+    "millisecond, as pynetdicom's does (before the listener's ReactorQueue)",
 }
 
 
@@ -174,6 +176,9 @@ def profile_listener(
     flush_redis()
     configure(settings)
     original_admit = listener_module.admit
+    original_wait_for_messages = listener_module.wait_for_messages
+    if variant == "polling-reactor":
+        listener_module.wait_for_messages = lambda assoc: None  # type: ignore[assignment,return-value]
     original_commit = IncomingFile.commit
     listener_module.admit = times.wrap("admit (header checks)", original_admit)  # type: ignore[assignment]
     try:
@@ -223,6 +228,7 @@ def profile_listener(
         service.stop()
     finally:
         listener_module.admit = original_admit  # type: ignore[assignment]
+        listener_module.wait_for_messages = original_wait_for_messages  # type: ignore[assignment]
         IncomingFile.commit = original_commit  # type: ignore[method-assign]
         flush_redis()
         shutil.rmtree(root, ignore_errors=True)

@@ -403,6 +403,60 @@ def test_the_socket_waits_long_for_data_but_wakes_when_something_is_to_be_sent()
     assert reader._wake_fds is None
 
 
+def test_the_reactor_waits_for_a_message_or_a_primitive_instead_of_polling():
+    """An empty ReactorQueue asked without blocking waits for its signal: a message put on
+    it, or a primitive put on the association's queue (a release request), ends the wait at
+    once; with neither it gives up after idle_wait, as an empty queue does."""
+    import queue
+
+    from dermpacs.intake.listener import ReactorQueue, SignallingQueue
+
+    signal = threading.Event()
+    messages, primitives = ReactorQueue(), SignallingQueue()
+    messages.signal = primitives.signal = signal
+    messages.idle_wait = 5.0
+    for target, item in ((messages, (1, "C-STORE-RQ")), (primitives, "A-RELEASE")):
+        putter = threading.Timer(0.05, target.put, args=[item])
+        putter.start()
+        started = time.monotonic()
+        try:
+            got = messages.get(block=False)
+        except queue.Empty:
+            got = None
+        assert time.monotonic() - started < 2.0
+        assert got == (item if target is messages else None)
+        putter.join()
+    assert primitives.get(block=False) == "A-RELEASE"
+    messages.idle_wait = 0.05
+    started = time.monotonic()
+    with pytest.raises(queue.Empty):
+        messages.get(block=False)
+    assert time.monotonic() - started >= 0.04
+
+
+def test_an_association_ends_promptly_when_its_reactor_waits_for_messages(harness):
+    """The acceptor's queues share one signal, and release and abort still end it."""
+    from dermpacs.intake.listener import ReactorQueue, SignallingQueue
+
+    assoc = harness.associate([(Verification, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    (served,) = harness.listener.ae.active_associations
+    assert isinstance(served.dimse.msg_queue, ReactorQueue)
+    assert isinstance(served.dul.to_user_queue, SignallingQueue)
+    assert served.dimse.msg_queue.signal is served.dul.to_user_queue.signal
+    assert assoc.send_c_echo().Status == 0x0000
+    started = time.monotonic()
+    assoc.release()
+    served.join(5)
+    assert not served.is_alive()
+    assert time.monotonic() - started < 2.0
+    aborted = harness.associate([(Verification, [ExplicitVRLittleEndian])])
+    (served,) = harness.listener.ae.active_associations
+    aborted.abort()
+    served.join(5)
+    assert not served.is_alive()
+
+
 def test_a_port_check_that_connects_and_closes_holds_no_association_slot(tmp_path):
     """Load balancers and monitors check a port by connecting and closing. pynetdicom's
     acceptor then waited acse_timeout (30 s) for an association request that cannot come,

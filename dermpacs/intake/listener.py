@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import queue
 import select
 import socket
 import ssl
@@ -183,13 +184,64 @@ class BulkReadSocket(AssociationSocket):
         return buffer
 
 
+class SignallingQueue(queue.Queue):
+    """A queue that sets :attr:`signal` whenever something is put on it."""
+
+    signal: threading.Event
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        self.signal.set()
+
+
+class ReactorQueue(SignallingQueue):
+    """The DIMSE message queue of an acceptor association, which its reactor waits on.
+
+    pynetdicom's association reactor asks this queue for a message without blocking, and
+    sleeps 1 ms before asking again: a complete photo waited half a millisecond on average to
+    be served, and every association woke its thread a thousand times a second to contend for
+    the interpreter lock with the threads receiving photos. Here a request that finds the
+    queue empty waits for :attr:`signal` instead, set when a message arrives here, when the
+    DUL hands the association a primitive (a release or abort request; the same signal) and
+    when the DUL ends; at most ``idle_wait`` seconds, so that the reactor's other checks (a
+    kill, the network timeout) keep running.
+    """
+
+    idle_wait = 0.05
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if not block and not self.qsize():
+            self.signal.wait(self.idle_wait)
+            self.signal.clear()
+        return super().get(block, timeout)
+
+
+def wait_for_messages(assoc: Association) -> threading.Event:
+    """Make an acceptor association's reactor wait for messages (:class:`ReactorQueue`)."""
+    signal = threading.Event()
+    assoc.dimse.msg_queue.__class__ = ReactorQueue
+    assoc.dul.to_user_queue.__class__ = SignallingQueue
+    for signalling in (assoc.dimse.msg_queue, assoc.dul.to_user_queue):
+        cast(SignallingQueue, signalling).signal = signal
+    return signal
+
+
 class WakingDUL(DULServiceProvider):
-    """pynetdicom's DUL that wakes its socket's wait when a primitive is queued to send."""
+    """pynetdicom's DUL that wakes its socket's wait when a primitive is queued to send, and
+    its association's reactor when it ends."""
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
         if isinstance(self.socket, BulkReadSocket):
             self.socket.wake()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            signal = getattr(self.to_user_queue, "signal", None)
+            if signal is not None:
+                signal.set()
 
 
 class AcceptorStateMachine(StateMachine):
@@ -229,6 +281,7 @@ class BulkReadRequestHandler(RequestHandler):
         assoc.dul.__class__ = WakingDUL
         assoc.dul._run_loop_delay = 0  # BulkReadSocket.ready waits for data instead
         assoc.dul.state_machine.__class__ = AcceptorStateMachine
+        wait_for_messages(assoc)
         spool_on_arrival(assoc, getattr(self.server, "open_incoming", None))
         self.assoc = assoc
         return assoc
