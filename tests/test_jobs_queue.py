@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -149,6 +150,87 @@ def test_the_publisher_marks_published_jobs_queued_and_leaves_the_rest_received(
     publisher.stop()
     assert published == ids[1:]
     assert [store.get(i).job.state for i in ids] == [JobState.RECEIVED] + [JobState.QUEUED] * 3
+
+
+class PublishedTogether:
+    """A publish function with together(): what reaches the 'broker' comes at each block's
+    end, and nothing of a block whose end fails (as kombu's Redis pipeline)."""
+
+    def __init__(self) -> None:
+        self.broker_up = False
+        self.sent: list[int] = []
+        self.blocks = 0
+        self._pending: list[int] | None = None
+
+    def __call__(self, job_id: int) -> None:
+        assert self._pending is not None, "published outside together()"
+        self._pending.append(job_id)
+
+    @contextlib.contextmanager
+    def together(self):
+        self._pending = []
+        yield
+        pending, self._pending = self._pending, None
+        if not self.broker_up:
+            raise ConnectionError("broker down")
+        self.blocks += 1
+        self.sent += pending
+
+
+def test_a_batch_published_together_is_queued_whole_or_left_received_whole(store):
+    publish = PublishedTogether()
+    publisher = Publisher(store, publish, linger=0.2).start()
+    lost = [record(store, n) for n in range(3)]
+    for job_id in lost:
+        publisher.submit(job_id)
+    time.sleep(0.6)
+    publish.broker_up = True
+    sent = [record(store, n) for n in range(3, 7)]
+    for job_id in sent:
+        publisher.submit(job_id)
+    publisher.stop()
+    assert publish.sent == sent and publish.blocks == 1  # four ids, one round trip
+    assert [store.get(i).job.state for i in lost] == [JobState.RECEIVED] * 3  # reconciler's
+    assert [store.get(i).job.state for i in sent] == [JobState.QUEUED] * 4
+
+
+def test_tasks_published_together_reach_redis_at_the_end_as_the_same_messages(tmp_path, redis_url):
+    import json
+    import uuid
+
+    import redis
+
+    from workers.app import configure, processing_publisher
+
+    name = f"inference-together-{uuid.uuid4().hex[:8]}"
+    settings = settings_at(
+        tmp_path, broker={"url": redis_url}, queues={"inference": {"name": name}}
+    )
+    client = redis.Redis.from_url(redis_url)
+
+    def on_redis() -> list[dict]:
+        keys = sorted(client.scan_iter(match=f"{name}*"))
+        return [json.loads(raw) for key in keys for raw in client.lrange(key, 0, -1)]
+
+    publish = processing_publisher(settings)
+    try:
+        publish(1, level="normal")  # one by one, as everywhere else
+        with publish.together():
+            publish(2, level="normal")
+            publish(3, level="normal")
+            assert len(on_redis()) == 1  # still in the pipeline
+        with pytest.raises(RuntimeError), publish.together():
+            publish(4, level="normal")
+            raise RuntimeError("the batch fails before its end")
+        messages = on_redis()
+        assert sorted(m["headers"]["argsrepr"] for m in messages) == ["[1]", "[2]", "[3]"]
+        assert {m["headers"]["task"] for m in messages} == {PROCESS_TASK}
+        assert len({m["properties"]["priority"] for m in messages}) == 1
+        assert {m["content-type"] for m in messages} == {"application/json"}
+    finally:
+        for key in client.scan_iter(match=f"{name}*"):
+            client.delete(key)
+        configure(settings_at(tmp_path))
 
 
 def test_intake_start_up_republishes_unfinished_jobs_before_listening(tmp_path, store):

@@ -47,7 +47,10 @@ class Publisher:
     publish
         Puts one processing task for a job id on the broker; may raise. Called as
         ``publish(job_id, level=level)`` for a job submitted with its priority level (which
-        spares a job store read per job), else ``publish(job_id)``.
+        spares a job store read per job), else ``publish(job_id)``. When it has a
+        ``together()`` method (:class:`workers.app.ProcessingPublisher`), each batch is
+        published inside it: a context manager whose publications reach the broker together
+        when it ends, or none of them if it raises.
     batch
         Most job ids marked queued in one transaction.
     linger
@@ -102,35 +105,42 @@ class Publisher:
             if _STOP in ids:
                 stopping = True
                 ids = [i for i in ids if i != _STOP]
-            published = []
-            levels = {job_id: self._levels.pop(job_id, None) for job_id in ids}
-            for job_id in ids:
-                try:
-                    level = levels[job_id]
-                    if level is None:
-                        self._publish(job_id)
-                    else:
-                        self._publish(job_id, level=level)
-                except Exception as exc:
-                    # The rest of the batch stays received too: the reconciler publishes them
-                    # once the broker answers, and a down broker is not waited on per job.
-                    if not self._broker_down:
-                        logger.warning(
-                            "broker unavailable (%s); jobs stay received until it returns", exc
-                        )
-                    self._broker_down = True
-                    break
-                else:
-                    if self._broker_down:
-                        logger.info("broker reachable again")
-                    self._broker_down = False
-                    published.append(job_id)
+            published = self._publish_batch(ids)
             try:
                 # Lazy: a mark lost in a power cut leaves the job received, and the reconciler
                 # publishes it again (tasks are idempotent).
                 self._store.mark_queued(published, synchronous_commit=False)
             except Exception:  # state stays received: republished later, tasks are idempotent
                 logger.exception("could not mark %d job(s) queued", len(published))
+
+    def _publish_batch(self, ids: list[int]) -> list[int]:
+        """Publish ``ids`` in order; those that reached the broker."""
+        published: list[int] = []
+        levels = {job_id: self._levels.pop(job_id, None) for job_id in ids}
+        together = getattr(self._publish, "together", None)
+        try:
+            with together() if together is not None and ids else contextlib.nullcontext():
+                for job_id in ids:
+                    level = levels[job_id]
+                    if level is None:
+                        self._publish(job_id)
+                    else:
+                        self._publish(job_id, level=level)
+                    published.append(job_id)
+        except Exception as exc:
+            # The rest of the batch stays received too (all of it when the batch went
+            # together): the reconciler publishes them once the broker answers, and a down
+            # broker is not waited on per job.
+            if together is not None:
+                published.clear()
+            if not self._broker_down:
+                logger.warning("broker unavailable (%s); jobs stay received until it returns", exc)
+            self._broker_down = True
+            return published
+        if published and self._broker_down:
+            logger.info("broker reachable again")
+            self._broker_down = False
+        return published
 
 
 _JOB_ID = struct.Struct("<q")
