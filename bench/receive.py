@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,6 +42,7 @@ from bench.machine import machine_facts
 from bench.models import choose_model
 from bench.services import (
     NODELAY,
+    REDIS_DB,
     DermpacsListener,
     OrthancServer,
     Receiver,
@@ -51,6 +53,7 @@ from bench.services import (
     storescu_argv,
     wait_until,
 )
+from tests import loopback
 
 # Targets of issue 7: ahead of Orthanc, at least half of tuned storescp.
 TARGET_VS_STORESCP = 0.5
@@ -91,8 +94,59 @@ def default_bursts(*, short: bool) -> list[Burst]:
     ]
 
 
-def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> float:
-    """Send ``files`` over ``burst.associations`` concurrent storescu processes; seconds taken.
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its descendants: those running (from /proc) and
+    those that ended and were waited for (counted in their parent's children's times), such
+    as storescp's forked children and dermpacs's receiving and publisher processes."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        # utime, stime, cutime, cstime (proc(5) fields 14-17)
+        times[child] = sum(int(v) for v in fields[11:15]) / _CLOCK_TICKS
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        total += times.get(current, 0.0)
+        pending += children.get(current, [])
+    return total
+
+
+def broker_cpu() -> float:
+    """CPU seconds Redis has used since it started (``INFO cpu``)."""
+    info = loopback.redis_database(REDIS_DB, socket_timeout=5).info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+@dataclass
+class BurstCost:
+    """What one burst took: wall-clock seconds, and CPU seconds of each party."""
+
+    seconds: float
+    receiver_cpu: float  # the receiver's processes, from the first send to settled
+    sender_cpu: float  # the storescu processes
+    broker_cpu: float  # Redis (dermpacs publishes each photo's task there)
+
+
+SETTLE = 0.5  # seconds after the last response for work the receiver does afterwards
+
+
+def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> BurstCost:
+    """Send ``files`` over ``burst.associations`` concurrent storescu processes.
+
+    The time is to the last storescu exiting; the CPU is counted from the start to
+    :data:`SETTLE` seconds after that, so that what a receiver does after answering (dermpacs
+    publishing, Orthanc indexing) is in it too.
 
     Raises
     ------
@@ -102,6 +156,10 @@ def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> float
     groups = [list(files[i :: burst.associations]) for i in range(burst.associations)]
     before = receiver.stored_count()
     env = {**os.environ, **NODELAY}
+    server = receiver.processes[0].pid
+    cpu_before = process_tree_cpu(server)
+    broker_before = broker_cpu()
+    senders_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     senders = [
         subprocess.Popen(
@@ -120,6 +178,7 @@ def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> float
     ]
     outputs = [sender.communicate(timeout=600)[0] for sender in senders]
     elapsed = time.perf_counter() - started
+    senders_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     for sender, output in zip(senders, outputs, strict=True):
         text = output.decode(errors="replace")
         if sender.returncode != 0 or "Failed" in text or "Error" in text:
@@ -138,18 +197,28 @@ def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> float
         )
     except TimeoutError as exc:
         raise RuntimeError(f"{exc} (has {receiver.stored_count()})") from exc
-    return elapsed
+    time.sleep(max(0.0, started + elapsed + SETTLE - time.perf_counter()))
+    return BurstCost(
+        seconds=elapsed,
+        receiver_cpu=process_tree_cpu(server) - cpu_before,
+        sender_cpu=(senders_after.ru_utime + senders_after.ru_stime)
+        - (senders_before.ru_utime + senders_before.ru_stime),
+        broker_cpu=broker_cpu() - broker_before,
+    )
 
 
 @dataclass
 class BurstResult:
     burst: Burst
     receiver: str
-    seconds: list[float]
+    costs: list[BurstCost]
 
     @property
     def photos_per_second(self) -> list[float]:
-        return [self.burst.photos / s for s in self.seconds]
+        return [self.burst.photos / c.seconds for c in self.costs]
+
+    def _ms_per_photo(self, seconds: list[float]) -> float:
+        return round(statistics.median(seconds) * 1000 / self.burst.photos, 2)
 
     def summary(self) -> dict[str, Any]:
         rates = self.photos_per_second
@@ -157,10 +226,15 @@ class BurstResult:
             "receiver": self.receiver,
             "burst": asdict(self.burst),
             "label": self.burst.label,
-            "seconds": [round(s, 4) for s in self.seconds],
+            "seconds": [round(c.seconds, 4) for c in self.costs],
             "photos_per_second_median": round(statistics.median(rates), 2),
             "photos_per_second_min": round(min(rates), 2),
             "photos_per_second_max": round(max(rates), 2),
+            # CPU per photo, medians over the repetitions: the receiver's processes, the
+            # storescu senders, and Redis (dermpacs's broker; idle for the others).
+            "receiver_cpu_ms_per_photo": self._ms_per_photo([c.receiver_cpu for c in self.costs]),
+            "sender_cpu_ms_per_photo": self._ms_per_photo([c.sender_cpu for c in self.costs]),
+            "broker_cpu_ms_per_photo": self._ms_per_photo([c.broker_cpu for c in self.costs]),
         }
 
 
@@ -221,10 +295,10 @@ def run_receive(
                             burst.photos,
                         )
                         os.sync()
-                    seconds = send_burst(receiver, burst, files)
+                    cost = send_burst(receiver, burst, files)
                     results.setdefault(
                         (index, receiver.name), BurstResult(burst, receiver.name, [])
-                    ).seconds.append(seconds)
+                    ).costs.append(cost)
                     shutil.rmtree(files[0].parent, ignore_errors=True)
     finally:
         logs = {r.name: r.logs()[-1500:] for r in receivers}

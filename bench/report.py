@@ -111,6 +111,7 @@ def receive_section(result: Mapping[str, Any]) -> list[str]:
         ],
         rows,
     )
+    lines += _receive_cpu_table(result, dermpacs_names)
     inputs_text = "; ".join(
         f"{name}: {d['columns']}x{d['rows']}, {d['transfer_syntax']}, "
         f"{d['file_bytes'] / 1e6:.2f} MB"
@@ -120,6 +121,33 @@ def receive_section(result: Mapping[str, Any]) -> list[str]:
     lines += ["Receivers: " + "; ".join(f"{k}: {v}" for k, v in result["receivers"].items()), ""]
     lines += machine_section(result["machine"])
     return lines
+
+
+def _receive_cpu_table(result: Mapping[str, Any], dermpacs_names: Sequence[str]) -> list[str]:
+    """CPU milliseconds per photo of each receiver (dermpacs with its broker), and of the
+    storescu senders; empty for results measured before the receive part counted CPU."""
+    names = (*dermpacs_names, "storescp", "orthanc")
+    first = result["rows"][0]["receivers"][names[0]]
+    if "receiver_cpu_ms_per_photo" not in first:
+        return []
+    rows = []
+    for row in result["rows"]:
+        cells = []
+        for name in names:
+            r = row["receivers"][name]
+            cell = f"{r['receiver_cpu_ms_per_photo']:.2f}"
+            if name.startswith("dermpacs"):
+                cell += f" + {r['broker_cpu_ms_per_photo']:.2f}"
+            cells.append(f"{cell} ({r['sender_cpu_ms_per_photo']:.2f})")
+        rows.append([row["label"], *cells])
+    return [
+        "CPU milliseconds per photo, medians of the same bursts: the receiver's processes "
+        "(dermpacs: + Redis, its broker), and in brackets the storescu senders'. Two cores "
+        "serve all of them: where the sum nears 2 × 1000 / (photos/s), the burst is bound by "
+        "the CPU.",
+        "",
+        *_table(["burst", *(_receiver_label(n) for n in names)], rows),
+    ]
 
 
 def inference_section(result: Mapping[str, Any]) -> list[str]:

@@ -67,6 +67,13 @@ def test_short_run_measures_every_part_and_writes_its_report(tmp_path: Path) -> 
             cell = row["receivers"][name]
             assert len(cell["seconds"]) == receive["repeats"]
             assert cell["photos_per_second_median"] > 0
+            # CPU counted: the senders' (getrusage) and Redis's (dermpacs publishes there) to
+            # the microsecond; the receiver's in clock ticks, which a few small photos may
+            # not fill
+            assert cell["receiver_cpu_ms_per_photo"] >= 0
+            assert cell["sender_cpu_ms_per_photo"] > 0
+            if name.startswith("dermpacs"):
+                assert cell["broker_cpu_ms_per_photo"] > 0
 
     inference = parts["inference"]
     assert {r["variant"] for r in inference["rows"]} == {"old", "onnx", "worker"}
