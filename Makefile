@@ -45,7 +45,7 @@ viewer-demo: $(STAMP) tools
 	$(PY) -m tests.viewer.demo --port $(VIEWER_PORT)
 
 # The benchmark suite (docs/benchmarks.md): receive, inference, end to end; bounded in time
-# (about 55 minutes), results in bench/results/, tables written into docs/benchmarks.md.
+# (45–55 minutes), results in bench/results/, tables written into docs/benchmarks.md.
 # BENCH_SHORT=1: a handful of small photos, checks the harness works, asserts no times.
 BENCH_SHORT ?=
 BENCH_ARGS ?=
