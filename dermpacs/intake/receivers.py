@@ -160,7 +160,7 @@ class ReceiverPool:
                 "association from %s: %s (serving %s)",
                 client_address[0],
                 "listening process" if chosen is None else f"receiving process {chosen.index}",
-                [self._local_active, *(s.active for s in self._slots)],
+                self._counts(),
             )
             if chosen is None:
                 return False
@@ -183,7 +183,10 @@ class ReceiverPool:
         """How many associations each process serves now: the listening process first, then
         each receiving process in order."""
         with self._choice:
-            return [self._local_active, *(s.active for s in self._slots)]
+            return self._counts()
+
+    def _counts(self) -> list[int]:  # under self._choice
+        return [self._local_active, *(s.active for s in self._slots)]
 
     def _load(self, slot: _Slot | None) -> int:
         return self._local_active if slot is None else slot.active
