@@ -42,18 +42,17 @@ from bench.machine import machine_facts
 from bench.models import choose_model
 from bench.services import (
     NODELAY,
-    REDIS_DB,
     DermpacsListener,
     OrthancServer,
     Receiver,
     StoreSCP,
     flush_redis,
     redis_available,
+    redis_cpu,
     redis_url,
     storescu_argv,
     wait_until,
 )
-from tests import loopback
 
 # Targets of issue 7: ahead of Orthanc, at least half of tuned storescp.
 TARGET_VS_STORESCP = 0.5
@@ -122,12 +121,6 @@ def process_tree_cpu(pid: int) -> float:
     return total
 
 
-def broker_cpu() -> float:
-    """CPU seconds Redis has used since it started (``INFO cpu``)."""
-    info = loopback.redis_database(REDIS_DB, socket_timeout=5).info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-
 @dataclass
 class BurstCost:
     """What one burst took: wall-clock seconds, and CPU seconds of each party."""
@@ -158,7 +151,7 @@ def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> Burst
     env = {**os.environ, **NODELAY}
     server = receiver.processes[0].pid
     cpu_before = process_tree_cpu(server)
-    broker_before = broker_cpu()
+    broker_before = redis_cpu()
     senders_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     senders = [
@@ -203,7 +196,7 @@ def send_burst(receiver: Receiver, burst: Burst, files: Sequence[Path]) -> Burst
         receiver_cpu=process_tree_cpu(server) - cpu_before,
         sender_cpu=(senders_after.ru_utime + senders_after.ru_stime)
         - (senders_before.ru_utime + senders_before.ru_stime),
-        broker_cpu=broker_cpu() - broker_before,
+        broker_cpu=redis_cpu() - broker_before,
     )
 
 

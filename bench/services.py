@@ -64,6 +64,12 @@ def flush_redis() -> None:
     loopback.redis_database(REDIS_DB, socket_timeout=5).flushdb()
 
 
+def redis_cpu() -> float:
+    """CPU seconds Redis has used since it started (``INFO cpu``)."""
+    info = loopback.redis_database(REDIS_DB, socket_timeout=5).info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Receivers
 

@@ -216,14 +216,13 @@ class ReactorQueue(SignallingQueue):
         return super().get(block, timeout)
 
 
-def wait_for_messages(assoc: Association) -> threading.Event:
+def wait_for_messages(assoc: Association) -> None:
     """Make an acceptor association's reactor wait for messages (:class:`ReactorQueue`)."""
     signal = threading.Event()
     assoc.dimse.msg_queue.__class__ = ReactorQueue
     assoc.dul.to_user_queue.__class__ = SignallingQueue
     for signalling in (assoc.dimse.msg_queue, assoc.dul.to_user_queue):
         cast(SignallingQueue, signalling).signal = signal
-    return signal
 
 
 class WakingDUL(DULServiceProvider):
